@@ -1,0 +1,9 @@
+"""Benchmarks: one module per op family (each with ``run() -> list[Result]``), one harness.
+
+Run ``python -m tritonformer.bench [op ...]`` (or ``tritonformer bench kernels``) on a GPU.
+"""
+
+#: op family -> module whose ``run()`` benchmarks it against PyTorch eager and torch.compile.
+KERNEL_BENCHMARKS = {
+    "activations": "tritonformer.bench.activations",
+}

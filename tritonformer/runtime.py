@@ -1,0 +1,178 @@
+"""Where the kernels run, and the argument checks every op shares.
+
+On a machine without a CUDA device, importing tritonformer switches Triton to its
+interpreter (``TRITON_INTERPRET=1``) before any kernel is defined: the same ``@triton.jit``
+code then runs on CPU tensors, slowly but exactly. This module must be imported before any
+module under ``tritonformer.kernels``; ``tritonformer/__init__.py`` does so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+
+log = logging.getLogger("tritonformer")
+
+
+def _decide_interpret() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    if torch.cuda.is_available():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    log.warning(
+        "tritonformer: no CUDA device found; the Triton kernels run in Triton's interpreter "
+        "on CPU tensors (correct but slow)."
+    )
+    return True
+
+
+#: True when the kernels run in Triton's interpreter (tensors live on the CPU).
+INTERPRET: bool = _decide_interpret()
+#: The device type the kernels take tensors on: "cpu" under the interpreter, else "cuda".
+DEVICE_TYPE: str = "cpu" if INTERPRET else "cuda"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def default_device() -> torch.device:
+    """The device tensors should live on for the kernels: the current CUDA device, or the CPU."""
+    return torch.device(DEVICE_TYPE)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def is_hopper(device: torch.device) -> bool:
+    """True for a compiled (not interpreted) run on an sm_90 device."""
+    if INTERPRET or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Number of streaming multiprocessors of a CUDA device (1 under the interpreter)."""
+    if INTERPRET:
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else 0
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The autocast dtype in effect for the kernels' device type, or None when autocast is off."""
+    if torch.is_autocast_enabled(DEVICE_TYPE):
+        return torch.get_autocast_dtype(DEVICE_TYPE)
+    return None
+
+
+def fp32_uses_tf32() -> bool:
+    """Whether an fp32 matmul may use TF32, following ``torch.backends.cuda.matmul.allow_tf32``."""
+    return (not INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+
+
+# Output poisoning: the tests turn it on so that an element a kernel forgets to write reads
+# as NaN instead of whatever the allocator left there.
+_poison_outputs = False
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Make ``empty``/``empty_like`` fill new float tensors with NaN (for tests)."""
+    global _poison_outputs
+    _poison_outputs = enabled
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled while poisoning is on."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous output shaped like ``t`` (see ``empty``)."""
+    return empty(t.shape, dtype or t.dtype, t.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks. Each raises TypeError (wrong type/dtype) or ValueError (wrong shape, device,
+# value) with a message naming the argument, what it was and what is allowed.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    min_ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor the kernels can take and return it.
+
+    Checks the type, the device (the kernels' device type), the number of dimensions, the
+    dtype (one of ``dtypes``; None allows any) and, unless ``allow_empty``, that it has
+    elements.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != DEVICE_TYPE:
+        where = "CPU (kernels run in Triton's interpreter)" if INTERPRET else "CUDA"
+        raise ValueError(f"{name} must be on a {where} device, got a tensor on {t.device}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}"
+        )
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Check that all the given (non-None) tensors are on one device."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in items[1:]:
+        if t.device != items[0][1].device:
+            raise ValueError(
+                f"{name} is on {t.device} but {items[0][0]} is on {items[0][1].device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    """Check that all the given (non-None) tensors share one dtype."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in items[1:]:
+        if t.dtype != items[0][1].dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {items[0][0]} has {items[0][1].dtype}; "
+                "they must match (use torch.autocast to mix precisions)"
+            )
+
+
+def check_choice(value: object, name: str, allowed: Iterable[object]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
