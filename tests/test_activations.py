@@ -1,8 +1,17 @@
 import pytest
 import torch
+from helpers import (
+    ALL_DTYPES,
+    DTYPES,
+    assert_close,
+    f64,
+    gpu,
+    randn,
+    requires_gpu,
+    requires_grad_copy,
+)
 
 from tritonformer import nn, ops, reference
-from helpers import DTYPES, ALL_DTYPES, assert_close, f64, gpu, randn, requires_grad_copy, requires_gpu
 
 NAMES = ["relu", "gelu", "gelu_tanh"]
 

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 
 import torch
 
-
 log = logging.getLogger("tritonformer")
 
 
@@ -45,7 +44,7 @@ def default_device() -> torch.device:
     return torch.device(DEVICE_TYPE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -54,10 +53,13 @@ def is_hopper(device: torch.device) -> bool:
     """True for a compiled (not interpreted) run on an sm_90 device."""
     if INTERPRET or device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] == 9
+    return (
+        _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+        == 9
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     """Number of streaming multiprocessors of a CUDA device (1 under the interpreter)."""
     if INTERPRET:

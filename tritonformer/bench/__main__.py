@@ -14,7 +14,9 @@ from .harness import append_csv, device_copy, environment
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tritonformer.bench", description=__doc__)
-    p.add_argument("ops", nargs="*", help=f"op families (default: all of {list(KERNEL_BENCHMARKS)})")
+    p.add_argument(
+        "ops", nargs="*", help=f"op families (default: all of {list(KERNEL_BENCHMARKS)})"
+    )
     p.add_argument("--csv", default="benchmarks/results.csv", help="CSV the rows are appended to")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

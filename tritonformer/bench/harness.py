@@ -53,7 +53,9 @@ def environment() -> dict[str, str]:
 
 def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -> tuple[float, ...]:
     """(median, p20, p80) milliseconds of ``fn`` over warm repeats, timed with CUDA events."""
-    return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+    return tuple(
+        triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    )
 
 
 def extra_memory_gib(fn: Callable[[], object]) -> float:
@@ -116,8 +118,9 @@ def device_copy(n_bytes: int = 2 * GiB) -> Result:
     src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     b = Bench("device_copy", torch.uint8)
-    return b.run(f"{n_bytes // 2**20} MiB", "torch", lambda: dst.copy_(src), bytes=2 * n_bytes,
-                 memory=False)
+    return b.run(
+        f"{n_bytes // 2**20} MiB", "torch", lambda: dst.copy_(src), bytes=2 * n_bytes, memory=False
+    )
 
 
 def append_csv(results: list[Result], path: str) -> None:

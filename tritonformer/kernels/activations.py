@@ -19,10 +19,11 @@ from ..runtime import INTERPRET, empty, empty_like
 BLOCK = 1 << 16 if INTERPRET else 4096
 NUM_WARPS = 8
 
-SQRT_1_2 = 0.7071067811865476  # 1 / sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi)
-GELU_TANH_C = 0.044715
+# tl.constexpr: compiled kernels (unlike the interpreter) reject plain-float globals.
+SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def activation_fwd(x: torch.Tensor, name: str, out_dtype: torch.dtype) -> torch.
 
 
 def activation_bwd(x: torch.Tensor, dy: torch.Tensor, name: str) -> torch.Tensor:
-    """Launch ``activation_bwd_kernel`` on contiguous tensors; returns dx shaped and typed like x."""
+    """Launch ``activation_bwd_kernel`` on contiguous tensors; returns dx like x."""
     dx = empty_like(x)
     n = x.numel()
     activation_bwd_kernel[(triton.cdiv(n, BLOCK),)](

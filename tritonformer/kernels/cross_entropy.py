@@ -1,0 +1,174 @@
+"""Cross-entropy over a vocabulary: forward (loss, logsumexp) and backward (dlogits) kernels.
+
+Each program takes BLOCK_M rows and loops over the vocabulary in blocks of BLOCK_V columns,
+so any vocabulary size works with a bounded block. The forward reads the logits once: an
+online logsumexp (running max, running sum of exponentials rescaled to it), the sum of the
+logits when label smoothing is on, and the target's logit by one gather per row. It stores
+the fp32 logsumexp and the fp32 loss of each row. The backward reads the logits once more,
+recomputes softmax = exp(logits - lse) and writes
+
+    dlogits = (softmax - (1 - eps) * onehot(target) - eps / V) * g
+
+in the logits' dtype, where g is the row's loss gradient already scaled by the reduction; it
+needs no buffer besides dlogits itself. Rows whose target is ``ignore_index`` read nothing
+and get loss 0 and gradient 0. Row offsets are int64, so N * V may exceed 2**31.
+
+Loss of row i (torch's definition, eps = label_smoothing, x = logits[i], t = target[i]):
+    (1 - eps) * (lse - x[t]) + eps * (lse - sum(x) / V) = lse - (1 - eps) x[t] - eps sum(x) / V
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..runtime import INTERPRET, empty
+
+# Launch parameters, one table for the family. Under the interpreter the vocabulary block is
+# small enough that V = 3000 takes two blocks (the loop runs) and tiles hold many rows.
+#   block_v: vocabulary block width (capped at next_power_of_2(V))
+#   tile:    elements per program; rows per program = max(1, tile // block width)
+#   warps:   warps per program (about 512 elements per warp: 16-byte accesses, several
+#            loads in flight per thread)
+CONFIG = (
+    {"block_v": 2048, "tile": 1 << 15, "warps": 4}
+    if INTERPRET
+    else {"block_v": 8192, "tile": 8192, "warps": 16}
+)
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    logits_ptr,  # logits, [n_rows, n_cols], unit column stride, fp32/fp16/bf16
+    target_ptr,  # class index per row, [n_rows], int64 or int32
+    lse_ptr,  # output: logsumexp per row, [n_rows], fp32 (unspecified for ignored rows)
+    loss_ptr,  # output: loss per row, [n_rows], fp32 (0 for ignored rows)
+    n_rows,  # number of rows N
+    n_cols,  # vocabulary size V
+    row_stride,  # elements between rows of logits
+    ignore_index,  # target value whose rows are ignored
+    label_smoothing,  # eps in [0, 1]
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary block width
+    SMOOTH: tl.constexpr,  # label_smoothing > 0: also sum the logits
+):
+    """Per-row logsumexp and loss, BLOCK_M rows per program, looping over the vocabulary."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    active = row_mask & (target != ignore_index)
+    row_start = logits_ptr + rows.to(tl.int64) * row_stride
+    x_target = tl.load(row_start + tl.where(active, target, 0), mask=active, other=0.0)
+    x_rows = row_start[:, None]
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    x_sum = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        mask = active[:, None] & (start + cols < n_cols)
+        x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # Shift by 0 while the max is still -inf (ignored rows, chunks of only -inf), so
+        # that exp(-inf - -inf) = NaN never enters the sum.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        m = m_new
+        if SMOOTH:
+            x_sum += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    lse = m + tl.log(tl.where(active, s, 1.0))  # -inf for ignored rows, no log(0)
+    loss = lse - x_target.to(tl.float32)
+    if SMOOTH:
+        loss = lse - (1.0 - label_smoothing) * x_target.to(tl.float32) - (
+            label_smoothing / n_cols
+        ) * x_sum
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_mask)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    logits_ptr,  # logits, [n_rows, n_cols], unit column stride
+    target_ptr,  # class index per row, [n_rows], int64 or int32
+    lse_ptr,  # logsumexp per row from the forward, [n_rows], fp32
+    grad_ptr,  # loss gradient already scaled by the reduction: [n_rows] or one value, fp32
+    dlogits_ptr,  # output: gradient of the logits, [n_rows, n_cols], unit column stride
+    n_rows,  # number of rows N
+    n_cols,  # vocabulary size V
+    row_stride,  # elements between rows of logits
+    dlogits_row_stride,  # elements between rows of dlogits
+    grad_stride,  # elements between rows' values in grad_ptr (0: one value for all rows)
+    ignore_index,  # target value whose rows are ignored
+    label_smoothing,  # eps in [0, 1]
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary block width
+    SMOOTH: tl.constexpr,  # label_smoothing > 0
+):
+    """dlogits = (exp(logits - lse) - (1 - eps) onehot(target) - eps / V) * grad per row."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    active = row_mask & (target != ignore_index)
+    # Ignored rows get g = 0 and read no logits: their gradient is exactly 0.
+    g = tl.load(grad_ptr + rows.to(tl.int64) * grad_stride, mask=active, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    x_rows = (logits_ptr + rows.to(tl.int64) * row_stride)[:, None]
+    d_rows = (dlogits_ptr + rows.to(tl.int64) * dlogits_row_stride)[:, None]
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    on_target = 1.0 - label_smoothing
+    for start in range(0, n_cols, BLOCK_V):
+        in_row = start + cols < n_cols
+        x = tl.load(x_rows + start + cols, mask=active[:, None] & in_row, other=0.0)
+        d = tl.exp(x.to(tl.float32) - lse[:, None])
+        if SMOOTH:
+            d -= label_smoothing / n_cols
+        d = tl.where(start + cols == target[:, None], d - on_target, d) * g[:, None]
+        tl.store(d_rows + start + cols, d.to(dlogits_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & in_row)
+
+
+def _launch_params(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, grid size) for ``n_rows`` rows of ``n_cols`` logits."""
+    block_v = min(CONFIG["block_v"], triton.next_power_of_2(n_cols))
+    block_m = min(max(1, CONFIG["tile"] // block_v), triton.next_power_of_2(n_rows))
+    return block_m, block_v, triton.cdiv(n_rows, block_m)
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (lse, loss), both fp32 [N], for logits [N, V] (unit column stride, any row
+    stride) and target [N] (contiguous int64/int32, each in [0, V) or ``ignore_index``)."""
+    n_rows, n_cols = logits.shape
+    lse = empty((n_rows,), torch.float32, logits.device)
+    loss = empty((n_rows,), torch.float32, logits.device)
+    block_m, block_v, grid = _launch_params(n_rows, n_cols)
+    cross_entropy_fwd_kernel[(grid,)](
+        logits, target, lse, loss, n_rows, n_cols, logits.stride(0), ignore_index,
+        label_smoothing, BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0,
+        num_warps=CONFIG["warps"],
+    )
+    return lse, loss
+
+
+def cross_entropy_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """dlogits, contiguous [N, V] in logits' dtype, from the forward's inputs and ``lse``.
+
+    ``grad``: fp32, either [N] (one loss gradient per row) or 0-d (the same gradient for
+    every row), already scaled by the reduction (1/count for mean).
+    """
+    n_rows, n_cols = logits.shape
+    dlogits = empty((n_rows, n_cols), logits.dtype, logits.device)
+    block_m, block_v, grid = _launch_params(n_rows, n_cols)
+    cross_entropy_bwd_kernel[(grid,)](
+        logits, target, lse, grad, dlogits, n_rows, n_cols, logits.stride(0),
+        dlogits.stride(0), grad.stride(0) if grad.dim() == 1 else 0,
+        ignore_index, label_smoothing, BLOCK_M=block_m, BLOCK_V=block_v,
+        SMOOTH=label_smoothing > 0, num_warps=CONFIG["warps"],
+    )
+    return dlogits

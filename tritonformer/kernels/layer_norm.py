@@ -1,0 +1,520 @@
+"""LayerNorm over the last dimension, optionally fused with the residual add before it.
+
+Rows are the flattened leading dimensions: the input is an [M, N] view with a row stride and a
+unit column stride. Everything is computed in fp32 whatever the storage dtypes.
+
+Forward (``layer_norm_fwd_kernel``), one tile of BLOCK_M rows per program::
+
+    s    = x (+ residual, rounded to s's dtype and stored: the new residual stream)
+    mean = sum(s) / N,   rstd = 1 / sqrt(sum((s - mean)^2) / N + eps)      (fp32, saved)
+    y    = (s - mean) * rstd * weight + bias                               (out dtype)
+
+Backward (``layer_norm_bwd_kernel``), with xhat = (s - mean) * rstd and g = dy * weight::
+
+    ds    = rstd * (g - mean(g * xhat) * xhat - mean(g))  (+ the gradient of the s output)
+    dw    = sum over rows of dy * xhat,   db = sum over rows of dy
+
+The backward runs on a persistent grid of a few programs per SM; each loops over row tiles and
+keeps its share of dw/db in fp32 registers, then writes one row of fp32 partial sums;
+``layer_norm_reduce_kernel`` adds the partials up. The number of partial rows is the grid
+size, a runtime value: no compiled kernel depends on the row count M.
+
+Rows up to a size limit are held whole in registers (a "single" tile); longer rows are walked
+in chunks: the forward merges per-chunk (mean, M2) statistics (Chan et al.) and walks the row
+a second time to write y; the backward walks the row twice (row sums, then ds) and adds each
+chunk's dw/db into the program's partial row in memory.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..runtime import INTERPRET, device_index, empty, num_sms
+
+# ---------------------------------------------------------------------------------------------
+# Tuning table: every block and warp choice of this file.
+#
+# A tile is BLOCK_M rows x BLOCK_N columns; BLOCK_N is the row length padded to a power of two
+# (at least 16), or the chunk width for rows longer than the single-tile limit. Short rows are
+# stacked into taller tiles.
+# - Forward (one tile per program, grid = row tiles): 8 elements per thread (one 16-byte
+#   vector of bf16/fp16, two of fp32), up to 32 warps; longer rows hold more per thread.
+# - Backward (persistent: "programs per SM" programs per SM loop over the row tiles): a thread
+#   holds x, dy, weight and the two fp32 dw/db accumulators of its elements, so tiles give it
+#   4 elements (16-byte fp32 vectors, 8-byte bf16/fp16 ones) up to 4096 and 8 at 8192, and
+#   registers are capped at "bwd_maxnreg" = 64: exactly 32 warps per SM (8 warps x 4
+#   programs for short rows, 16 x 2, or 32 x 1) whatever the dtypes, and few partial rows
+#   (264 or 132 on an H100 from 1024 up). Compiled for sm_90a (ptxas -v), bf16/fp16/fp32 with
+#   and without residual, single and chunked, fit 64 registers with no spill; the one
+#   exception seen is N = 8192 with a residual of another dtype and y in bf16 (20 bytes).
+#   Taller tiles of short rows, or 16 elements per thread, spill: rows longer than 8192 go
+#   chunked.
+# - The partial-sum reduction uses tiles of "reduce_tile" elements, its column block sized so
+#   that about one program per SM runs.
+# Under the interpreter, which pays per program and per op rather than per element, tiles are
+# large and the single-tile limits small (so the chunked paths are cheap to test).
+# ---------------------------------------------------------------------------------------------
+# fmt: off
+_CONFIGS = {
+    "gpu": {
+        #          BLOCK_N: ((fwd BLOCK_M, warps), (bwd BLOCK_M, warps, programs per SM))
+        "table": {16:      ((64, 4),  (64, 8, 4)),
+                  32:      ((32, 4),  (32, 8, 4)),
+                  64:      ((16, 4),  (16, 8, 4)),
+                  128:     ((8,  4),  (8,  8, 4)),
+                  256:     ((4,  4),  (4,  8, 4)),
+                  512:     ((2,  4),  (2,  8, 4)),
+                  1024:    ((1,  4),  (2, 16, 2)),
+                  2048:    ((1,  8),  (1,   16, 2)),
+                  4096:    ((1, 16),  (1,   32, 1)),
+                  8192:    ((1, 32),  (1,   32, 1)),
+                  16384:   ((1, 32),  None)},
+        # rows longer than max_single: BLOCK_N = the chunk width, BLOCK_M rows (the backward's
+        # read-modify-write of its partial row is shared by BLOCK_M rows)
+        "chunked": {"fwd": (1, 4096, 16), "bwd": (2, 2048, 16, 2)},
+        "max_single": {"fwd": 16384, "bwd": 8192},
+        "bwd_maxnreg": 64,
+        "reduce_tile": 2048, "reduce_warps": 4,
+    },
+    "interpret": {
+        "table": {16:  ((256, 1), (32, 1, 3)),
+                  32:  ((256, 1), (32, 1, 3)),
+                  64:  ((128, 1), (32, 1, 3)),
+                  128: ((64,  1), (32, 1, 3)),
+                  256: ((32,  1), (32, 1, 3)),   # three programs: num_sms is 1 here
+                  512: ((16,  1), (16, 1, 3))},
+        "chunked": {"fwd": (4, 512, 1), "bwd": (4, 512, 1, 3)},
+        "max_single": {"fwd": 512, "bwd": 512},
+        "bwd_maxnreg": None,
+        "reduce_tile": 1 << 16, "reduce_warps": 1,
+    },
+}
+# fmt: on
+CONFIG = _CONFIGS["interpret" if INTERPRET else "gpu"]
+MIN_BLOCK_N = 16
+
+
+class Tile(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    single: bool  # the tile holds whole rows
+    programs_per_sm: int  # backward only (1 for the forward)
+
+
+def tile_config(n: int, backward: bool) -> Tile:
+    """The tile for rows of length ``n``, forward or backward, from the table above."""
+    d = "bwd" if backward else "fwd"
+    if n <= CONFIG["max_single"][d]:
+        block_n = max(MIN_BLOCK_N, triton.next_power_of_2(n))
+        entry = CONFIG["table"][block_n][int(backward)]
+        return Tile(entry[0], block_n, entry[1], True, entry[2] if backward else 1)
+    entry = CONFIG["chunked"][d]
+    return Tile(entry[0], entry[1], entry[2], False, entry[3] if backward else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_input(
+    x_ptr, r_ptr, s_ptr, rows, cols, mask, stride_xm, stride_rm, N,
+    HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
+):
+    """The LayerNorm input of a [BLOCK_M, BLOCK_N] tile, in fp32, 0 where ``mask`` is off.
+
+    Without a residual that is x; with one it is s = x + residual rounded to s's dtype (the
+    tensor torch's ``x + residual`` gives), which is stored to ``s_ptr`` when STORE_SUM.
+    """
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        s = (x + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        if STORE_SUM:
+            tl.store(s_ptr + rows[:, None] * N + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _normalize_store(
+    x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, cols, mask, N,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Store y = (x - mean) * rstd * weight + bias for a tile, in y's dtype."""
+    y = (x - mean[:, None]) * rstd[:, None]
+    col_mask = cols < N
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_weight(w_ptr, cols, N, HAS_WEIGHT: tl.constexpr):
+    """The weight at ``cols`` in fp32 (0 past N), or 1.0 without a weight."""
+    if HAS_WEIGHT:
+        return tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _bwd_load(
+    x_ptr, dy_ptr, w, rows, cols, mask, mean, rstd, stride_xm, stride_dym,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """(xhat, dy, dy * w) of a tile in fp32, 0 where ``mask`` is off; ``w`` from _load_weight."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    if HAS_WEIGHT:
+        wdy = dy * w[None, :]
+    else:
+        wdy = dy
+    return xhat, dy, wdy
+
+
+@triton.jit
+def _store_dx(
+    xhat, wdy, c1, c2, rstd, ds_ptr, dx_ptr, dr_ptr, rows, cols, mask, stride_dsm, N,
+    HAS_DS: tl.constexpr, STORE_DR: tl.constexpr,
+):
+    """Store dx = rstd * (wdy - xhat * c1 - c2) (+ ds) to dx_ptr (and dr_ptr), in their dtypes.
+
+    ``c1`` and ``c2`` are the per-row means of xhat * wdy and of wdy.
+    """
+    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DS:
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0)
+        dx = dx + ds.to(tl.float32)
+    offs = rows[:, None] * N + cols[None, :]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if STORE_DR:
+        tl.store(dr_ptr + offs, dx.to(dr_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["M"])
+def layer_norm_fwd_kernel(
+    x_ptr,  # input [M, N], row stride stride_xm, unit column stride, any float dtype
+    r_ptr,  # residual [M, N], row stride stride_rm, any float dtype (read when HAS_RESIDUAL)
+    s_ptr,  # output x + residual, contiguous [M, N], in the sum's dtype (when HAS_RESIDUAL)
+    w_ptr,  # weight [N], any float dtype (read when HAS_WEIGHT)
+    b_ptr,  # bias [N], any float dtype (read when HAS_BIAS)
+    y_ptr,  # output, contiguous [M, N], in the output dtype
+    mean_ptr,  # output [M] fp32: each row's mean
+    rstd_ptr,  # output [M] fp32: each row's 1 / sqrt(var + eps)
+    M,  # number of rows (not specialised on: any M runs the same binary)
+    N,  # row length (the normalised size)
+    stride_xm,  # row stride of x, in elements
+    stride_rm,  # row stride of residual, in elements
+    eps,  # added to the variance
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SINGLE: tl.constexpr,  # True: BLOCK_N >= N, the tile holds whole rows
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # columns per tile: the padded row, or the chunk width
+):
+    """LayerNorm (after the residual add when HAS_RESIDUAL) of BLOCK_M rows per program."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE:
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        x = _load_input(x_ptr, r_ptr, s_ptr, rows, cols, mask, stride_xm, stride_rm, N,
+                        HAS_RESIDUAL, True)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, cols, mask, N,
+                         HAS_WEIGHT, HAS_BIAS)
+    else:
+        # Pass 1: merge each chunk's (count, mean, M2) into the running ones (Chan et al.);
+        # all chunks before `start` are full, so the running count is `start`.
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
+                            HAS_RESIDUAL, True)
+            n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            n_a = start * 1.0  # as fp32
+            mean_b = tl.sum(x, axis=1) / n_b
+            xc = tl.where(mask, x - mean_b[:, None], 0.0)
+            delta = mean_b - mean
+            mean += delta * (n_b / (n_a + n_b))
+            m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+        rstd = tl.rsqrt(m2 / N + eps)
+        # Pass 2: normalise (the residual sum is recomputed, not re-read from s).
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
+                            HAS_RESIDUAL, False)
+            _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, c, mask, N,
+                             HAS_WEIGHT, HAS_BIAS)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def layer_norm_bwd_kernel(
+    x_ptr,  # the forward's LayerNorm input (x, or s), [M, N], row stride stride_xm
+    w_ptr,  # weight [N], any float dtype (read when HAS_WEIGHT)
+    dy_ptr,  # gradient of y, [M, N], row stride stride_dym, any float dtype
+    ds_ptr,  # gradient of the s output, [M, N], row stride stride_dsm (read when HAS_DS)
+    mean_ptr,  # [M] fp32 saved by the forward
+    rstd_ptr,  # [M] fp32 saved by the forward
+    dx_ptr,  # output: input gradient, contiguous [M, N], in its dtype (when COMPUTE_DX)
+    dr_ptr,  # output: the same gradient in a second dtype, contiguous [M, N] (when STORE_DR)
+    dw_part_ptr,  # output [num_programs, N] fp32: each program's share of dw (COMPUTE_DW)
+    db_part_ptr,  # output [num_programs, N] fp32: each program's share of db (COMPUTE_DB)
+    M,  # number of rows (not specialised on)
+    N,  # row length
+    stride_xm,  # row strides, in elements
+    stride_dym,
+    stride_dsm,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    STORE_DR: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    SINGLE: tl.constexpr,  # True: BLOCK_N >= N, the tile holds whole rows
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile: the padded row, or the chunk width
+):
+    """LayerNorm backward; program p handles row tiles p, p + P, p + 2P, ... (P programs)."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(M, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    part = pid.to(tl.int64) * N  # this program's row of the partial sums
+    if SINGLE:
+        w = _load_weight(w_ptr, cols, N, HAS_WEIGHT)  # once: every tile reuses it
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_mask = rows < M
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat, dy, wdy = _bwd_load(x_ptr, dy_ptr, w, rows, cols, mask, mean, rstd,
+                                      stride_xm, stride_dym, HAS_WEIGHT)
+            if COMPUTE_DX:
+                c1 = tl.sum(xhat * wdy, axis=1) / N
+                c2 = tl.sum(wdy, axis=1) / N
+                _store_dx(xhat, wdy, c1, c2, rstd, ds_ptr, dx_ptr, dr_ptr, rows, cols, mask,
+                          stride_dsm, N, HAS_DS, STORE_DR)
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+            if COMPUTE_DB:
+                db_acc += dy
+        if COMPUTE_DW:
+            tl.store(dw_part_ptr + part + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
+        if COMPUTE_DB:
+            tl.store(db_part_ptr + part + cols, tl.sum(db_acc, axis=0), mask=cols < N)
+    else:
+        if COMPUTE_DW or COMPUTE_DB:
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                if COMPUTE_DW:
+                    tl.store(dw_part_ptr + part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
+                if COMPUTE_DB:
+                    tl.store(db_part_ptr + part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
+            tl.debug_barrier()
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_mask = rows < M
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            if COMPUTE_DX:
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    mask = row_mask[:, None] & (c < N)[None, :]
+                    w = _load_weight(w_ptr, c, N, HAS_WEIGHT)
+                    xhat, dy, wdy = _bwd_load(x_ptr, dy_ptr, w, rows, c, mask, mean, rstd,
+                                              stride_xm, stride_dym, HAS_WEIGHT)
+                    c1 += tl.sum(xhat * wdy, axis=1)
+                    c2 += tl.sum(wdy, axis=1)
+                c1 = c1 / N
+                c2 = c2 / N
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_mask[:, None] & (c < N)[None, :]
+                w = _load_weight(w_ptr, c, N, HAS_WEIGHT)
+                xhat, dy, wdy = _bwd_load(x_ptr, dy_ptr, w, rows, c, mask, mean, rstd,
+                                          stride_xm, stride_dym, HAS_WEIGHT)
+                if COMPUTE_DX:
+                    _store_dx(xhat, wdy, c1, c2, rstd, ds_ptr, dx_ptr, dr_ptr, rows, c, mask,
+                              stride_dsm, N, HAS_DS, STORE_DR)
+                if COMPUTE_DW:
+                    acc = tl.load(dw_part_ptr + part + c, mask=c < N, other=0.0)
+                    tl.store(dw_part_ptr + part + c, acc + tl.sum(dy * xhat, axis=0), mask=c < N)
+                if COMPUTE_DB:
+                    acc = tl.load(db_part_ptr + part + c, mask=c < N, other=0.0)
+                    tl.store(db_part_ptr + part + c, acc + tl.sum(dy, axis=0), mask=c < N)
+            # The next tile re-reads the partial row, possibly from other threads' writes.
+            tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["P"])
+def layer_norm_reduce_kernel(
+    dw_part_ptr,  # [P, N] fp32 partial sums of dw (read when COMPUTE_DW)
+    db_part_ptr,  # [P, N] fp32 partial sums of db (read when COMPUTE_DB)
+    dw_ptr,  # output [N], in the weight's dtype
+    db_ptr,  # output [N], in the bias's dtype
+    P,  # number of partial rows (the backward's grid size; not specialised on)
+    N,  # row length
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partial rows per step
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    """dw = sum of the dw partials over their P rows (same for db), in fp32; BLOCK_N columns
+    per program."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & col_mask[None, :]
+        offs = p.to(tl.int64)[:, None] * N + cols[None, :]
+        if COMPUTE_DW:
+            dw += tl.load(dw_part_ptr + offs, mask=mask, other=0.0)
+        if COMPUTE_DB:
+            db += tl.load(db_part_ptr + offs, mask=mask, other=0.0)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + cols, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(db_ptr + cols, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch functions (checked tensors in, outputs allocated here)
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype,
+    sum_dtype: torch.dtype | None,
+    shape: torch.Size,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Launch ``layer_norm_fwd_kernel``.
+
+    Args:
+        x: [M, N] with unit column stride (any row stride), any float dtype.
+        residual: None, or [M, N] like x (any float dtype); then the kernel normalises
+            s = x + residual and also returns s.
+        weight, bias: None or contiguous [N].
+        eps: added to the variance.
+        out_dtype: dtype of y.
+        sum_dtype: dtype of s (with a residual).
+        shape: the shape of the returned y and s (M * N elements).
+
+    Returns:
+        (y, s or None, mean, rstd): y and s contiguous of ``shape``, mean and rstd fp32 [M].
+    """
+    m, n = x.shape
+    y = empty(shape, out_dtype, x.device)
+    s = empty(shape, sum_dtype, x.device) if residual is not None else None
+    mean = empty((m,), torch.float32, x.device)
+    rstd = empty((m,), torch.float32, x.device)
+    t = tile_config(n, backward=False)
+    layer_norm_fwd_kernel[(triton.cdiv(m, t.block_m),)](
+        x, residual, s, weight, bias, y, mean, rstd,
+        m, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, SINGLE=t.single, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps,
+    )  # fmt: skip
+    return y, s, mean, rstd
+
+
+def layer_norm_bwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dx_dtype: torch.dtype | None,
+    dr_dtype: torch.dtype | None,
+    dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None,
+    shape: torch.Size,
+) -> tuple[torch.Tensor | None, ...]:
+    """Launch ``layer_norm_bwd_kernel`` (and the partials reduction).
+
+    Args:
+        x: the forward's LayerNorm input, [M, N] with unit column stride.
+        weight: None or contiguous [N].
+        dy: gradient of y, [M, N] with unit column stride, any float dtype.
+        ds: None, or the gradient of the residual-sum output s, [M, N] like dy; added to dx.
+        mean, rstd: fp32 [M] from the forward.
+        dx_dtype: dtype of the input gradient dx, None if not wanted.
+        dr_dtype: None, or a second dtype in which the same input gradient is also written
+            (the residual's, in ``add_layer_norm``); needs ``dx_dtype``.
+        dw_dtype, db_dtype: dtypes of the weight and bias gradients, None if not wanted.
+        shape: the shape of the returned dx and dr.
+
+    Returns:
+        (dx, dr, dw, db), each None where not wanted: dx and dr contiguous of ``shape``,
+        dw and db of shape [N].
+    """
+    m, n = x.shape
+    dev = x.device
+    dx = empty(shape, dx_dtype, dev) if dx_dtype is not None else None
+    dr = empty(shape, dr_dtype, dev) if dr_dtype is not None else None
+    t = tile_config(n, backward=True)
+    sms = num_sms(device_index(x))
+    programs = min(triton.cdiv(m, t.block_m), sms * t.programs_per_sm)
+    want_dw, want_db = dw_dtype is not None, db_dtype is not None
+    dw_part = empty((programs, n), torch.float32, dev) if want_dw else None
+    db_part = empty((programs, n), torch.float32, dev) if want_db else None
+    layer_norm_bwd_kernel[(programs,)](
+        x, weight, dy, ds, mean, rstd, dx, dr, dw_part, db_part,
+        m, n, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0,
+        HAS_WEIGHT=weight is not None, HAS_DS=ds is not None, COMPUTE_DX=dx is not None,
+        STORE_DR=dr is not None, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, SINGLE=t.single,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+        maxnreg=CONFIG["bwd_maxnreg"],
+    )  # fmt: skip
+    dw = db = None
+    if want_dw or want_db:
+        dw = empty((n,), dw_dtype, dev) if want_dw else None
+        db = empty((n,), db_dtype, dev) if want_db else None
+        # About one program per SM: columns split across programs, partial rows looped over.
+        block_n = min(max(triton.next_power_of_2(triton.cdiv(n, sms)), 4), CONFIG["reduce_tile"])
+        block_p = max(1, CONFIG["reduce_tile"] // block_n)
+        layer_norm_reduce_kernel[(triton.cdiv(n, block_n),)](
+            dw_part, db_part, dw, db, programs, n,
+            COMPUTE_DW=want_dw, COMPUTE_DB=want_db, BLOCK_P=block_p, BLOCK_N=block_n,
+            num_warps=CONFIG["reduce_warps"],
+        )  # fmt: skip
+    return dx, dr, dw, db
