@@ -1,0 +1,361 @@
+import importlib
+
+import pytest
+import torch
+from helpers import (
+    ALL_DTYPES,
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    assert_close,
+    f64,
+    gpu,
+    randn,
+    requires_gpu,
+    requires_grad_copy,
+)
+
+from tritonformer import nn, ops, reference
+from tritonformer.kernels import matmul as km
+
+ACTS = [None, "relu", "gelu", "gelu_tanh"]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def ref64(t: torch.Tensor) -> torch.Tensor:
+    """float64 leaf copy for the reference: on the GPU for the GPU tier (fast), else CPU."""
+    return t.detach().double().requires_grad_(t.requires_grad) if ON_GPU else f64(t)
+
+
+def leaf(shape, dtype, transpose=False, step=1, requires_grad=True, scale=1.0):
+    """A leaf tensor and the (possibly transposed / strided) view of it the op is fed.
+
+    transpose: the leaf is stored with its last two dims swapped (the view is its .mT);
+    step: the leaf is stored with ``step`` times as many last-dim columns (view takes every
+    step-th one).
+    """
+    store = list(shape)
+    if transpose:
+        store[-2], store[-1] = store[-1], store[-2]
+    store[-1] *= step
+    t = randn(*store, dtype=dtype, requires_grad=requires_grad, scale=scale)
+    return t, lambda u: (u[..., ::step].mT if transpose else u[..., ::step])
+
+
+def check(fn, ref_fn, leaves, views, dtype, names, out_dtype=None, autocast=None, scale=1.0):
+    """Run fn on views of the leaves, backward with random dY; compare output and all grads."""
+    ctx = (torch.autocast(DEVICE.type, dtype=autocast) if autocast
+           else torch.autocast(DEVICE.type, enabled=False))
+    with ctx:
+        y = fn(*[v(t) for t, v in zip(leaves, views, strict=True)])
+    assert y.dtype == (out_dtype or dtype)
+    dy = randn(*y.shape, dtype=y.dtype, scale=scale)
+    y.backward(dy)
+
+    l64 = [ref64(t) for t in leaves]
+    y64 = ref_fn(*[v(t) for t, v in zip(l64, views, strict=True)])
+    y64.backward(dy.double().to(y64.device))
+
+    lb = [requires_grad_copy(t) for t in leaves]
+    with ctx:
+        yb = ref_fn(*[v(t) for t, v in zip(lb, views, strict=True)])
+    yb.backward(dy)
+
+    assert_close(y, y64, yb, f"{names[0]} out")
+    for t, t64, tb, name in zip(leaves, l64, lb, names[1:], strict=True):
+        if t.requires_grad:
+            assert t.grad.dtype == t.dtype
+            assert_close(t.grad, t64.grad, tb.grad, f"{names[0]} d{name}")
+        else:
+            assert t.grad is None
+
+
+def check_matmul(a_shape, b_shape, dtype, ta=False, tb=False, sa=1, sb=1, need=(True, True)):
+    a, va = leaf(a_shape, dtype, ta, sa, need[0])
+    b, vb = leaf(b_shape, dtype, tb, sb, need[1])
+    check(ops.matmul, reference.matmul, [a, b], [va, vb], dtype, ["matmul", "a", "b"])
+
+
+def check_linear(x_shape, out_features, dtype, bias=True, act=None, need=(True, True, True),
+                 tx=False, autocast=None):
+    in_features = x_shape[-1]
+    x, vx = leaf(x_shape, dtype, tx, requires_grad=need[0])
+    w, vw = leaf((out_features, in_features), dtype, requires_grad=need[1],
+                 scale=in_features**-0.5)
+    leaves, views, names = [x, w], [vx, vw], ["linear", "x", "weight"]
+    if bias:
+        b, vbias = leaf((out_features,), dtype, requires_grad=need[2])
+        leaves, views, names = leaves + [b], views + [vbias], names + ["bias"]
+
+    def fn(*t):
+        return ops.linear(*t, activation=act)
+
+    def ref_fn(*t):
+        return reference.linear(t[0], t[1], t[2] if bias else None, act)
+
+    check(fn, ref_fn, leaves, views, dtype, names, out_dtype=autocast, autocast=autocast)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU tier (also run on the GPU with bf16 added)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mkn", [(1, 7, 65), (65, 1000, 7), (1000, 65, 1), (7, 65, 1000)])
+def test_matmul_2d(mkn, dtype):
+    m, k, n = mkn
+    check_matmul((m, k), (k, n), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("ta,tb,sa,sb", [(True, False, 1, 1), (False, True, 1, 1),
+                                         (True, True, 1, 1), (False, False, 2, 3)])
+def test_matmul_transposed_strided(dtype, ta, tb, sa, sb):
+    check_matmul((65, 33), (33, 7), dtype, ta=ta, tb=tb, sa=sa, sb=sb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("a_shape,b_shape,ta", [
+    ((2, 3, 65, 7), (7, 33), False),  # rows flatten: one 2-D GEMM, dB over all rows
+    ((2, 3, 65, 7), (7, 33), True),  # rows don't flatten: batched, dB reduced in-kernel
+    ((3, 65, 7), (1, 7, 33), False),  # b's batch dims all 1
+    ((3, 65, 7), (3, 7, 33), False),  # batched
+    ((2, 1, 65, 7), (3, 7, 33), True),  # broadcast both ways, reduced in the gradients
+    ((2, 3, 7, 65), (2, 1, 65, 7), False),
+])
+def test_matmul_batched(a_shape, b_shape, ta, dtype):
+    check_matmul(a_shape, b_shape, dtype, ta=ta)
+
+
+def test_matmul_needs_input_grad():
+    check_matmul((2, 65, 7), (7, 33), torch.float32, need=(False, True))
+    check_matmul((2, 65, 7), (2, 7, 33), torch.float32, need=(True, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(act, bias, dtype):
+    check_linear((2, 33, 65), 7, dtype, bias=bias, act=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_linear_shapes(dtype):
+    check_linear((1000, 7), 65, dtype, act="gelu_tanh")
+    check_linear((65,), 1000, dtype, act="relu")  # a single row
+    check_linear((7, 1000), 1, dtype, act="gelu", tx=True)  # transposed x
+
+
+@pytest.mark.parametrize("need", [(True, False, True), (True, False, False), (False, True, True),
+                                  (False, False, True)])
+def test_linear_needs_input_grad(need):
+    check_linear((3, 65), 33, torch.float32, act="gelu_tanh", need=need)
+
+
+def test_linear_frozen_costs_no_gemm(monkeypatch):
+    calls = []
+    real = km.gemm
+    ops_matmul = importlib.import_module("tritonformer.ops.matmul")  # ops.matmul is the function
+    monkeypatch.setattr(ops_matmul, "gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = randn(5, 16, requires_grad=True)
+    w = randn(8, 16)  # frozen weight, no bias: only the forward and dX GEMMs run
+    ops.linear(x, w).sum().backward()
+    assert len(calls) == 2
+    calls.clear()
+    x = randn(5, 16)  # x without grad: forward and dW GEMMs
+    w.requires_grad_(True)
+    ops.linear(x, w).sum().backward()
+    assert len(calls) == 2 and calls[1].get("g") is None
+    calls.clear()  # with an activation, dZ comes from the elementwise kernel: still 2 GEMMs
+    ops.linear(x, w, randn(8, requires_grad=True), "gelu").sum().backward()
+    assert len(calls) == 2
+
+
+def test_autocast():
+    # under torch.autocast, linear/matmul run in the autocast dtype; fp32 grads come back
+    check_linear((3, 33, 65), 17, torch.float32, act="gelu_tanh", autocast=torch.float16)
+    a, va = leaf((2, 65, 33), torch.float32)
+    b, vb = leaf((33, 7), torch.float32, transpose=True)
+    check(ops.matmul, reference.matmul, [a, b], [va, vb], torch.float32, ["matmul", "a", "b"],
+          out_dtype=torch.float16, autocast=torch.float16)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, True), (True, False)])
+def test_gemm_kernels_prologue_epilogue_split(use_tma, ta, tb):
+    """Both kernels directly (the TMA one runs in the interpreter too): the A * G prologue
+    with its dZ and dbias side outputs, the bias + activation + act' epilogue, and forced
+    split-K with its fp32 workspace reduction."""
+    if use_tma and ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA kernel needs sm_90")
+    m, k, n = 72, 136, 40
+    h = torch.float16
+    a = randn(k, m, dtype=h).t() if ta else randn(m, k, dtype=h)
+    g = randn(k, m, dtype=h).t() if ta else randn(m, k, dtype=h)
+    b = randn(n, k, dtype=h).t() if tb else randn(k, n, dtype=h)
+    bias = randn(n, dtype=h)
+    v5 = lambda t: t[None, None, None]
+    ag = (a.float() * g.float()).double()  # A' in fp32; the kernel rounds it to fp16 for the dot
+    z = ag.half().double() @ b.double() + bias.double()
+    zz = z.clone().requires_grad_(True)
+    y = reference.gelu_tanh(zz)
+    y.sum().backward()
+    r = km.gemm(v5(a), v5(b), torch.float32, g=v5(g), bias=bias, activation_name="gelu_tanh",
+                save_dact=True, dz=True, dbias_dtype=torch.float32, use_tma=use_tma)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r.c[0, 0].double(), y.detach(), **tol)
+    torch.testing.assert_close(r.dact[0, 0].double(), zz.grad, **tol)
+    torch.testing.assert_close(r.dz, ag.half(), rtol=0, atol=0)
+    torch.testing.assert_close(r.dbias.double(), ag.sum(0), **tol)
+    cfg = km.GemmConfig(32, 32, 32, 1, 4, split_k=3)
+    for out_dtype in (torch.float32, torch.float16):
+        r = km.gemm(v5(a), v5(b), out_dtype, g=v5(g), dz=True, dbias_dtype=out_dtype,
+                    config=cfg, use_tma=use_tma)
+        assert r.c.dtype == r.dbias.dtype == out_dtype
+        tol = dict(rtol=2e-3, atol=2e-2) if out_dtype == torch.float16 else tol
+        torch.testing.assert_close(r.c[0, 0].double(), ag.half().double() @ b.double(), **tol)
+        torch.testing.assert_close(r.dz, ag.half(), rtol=0, atol=0)
+        torch.testing.assert_close(r.dbias.double(), ag.sum(0), **tol)
+
+
+def test_linear_matmul_through_tma_kernel(monkeypatch):
+    """ops.linear / ops.matmul with the TMA kernel selected, as on sm_90 (here interpreted)."""
+    monkeypatch.setattr(km, "is_hopper", lambda device: True)
+    assert km.tma_eligible(randn(65, 40, dtype=torch.float16), randn(40, 24, dtype=torch.float16),
+                           None, torch.float16)
+    check_linear((65, 40), 24, torch.float16, act="gelu")
+    check_matmul((3, 65, 40), (40, 24), torch.float16, tb=True)
+
+
+def test_split_k_choice():
+    assert km.split_k_for(tiles=2000, k_steps=12, sms=132) == 1
+    assert km.split_k_for(tiles=18, k_steps=256, sms=132) > 4  # d x d weight gradient
+    assert km.split_k_for(tiles=18, k_steps=4, sms=132) == 1  # too little K to split
+
+
+def test_linear_module_matches_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(65, 33, device=DEVICE)
+    torch.manual_seed(0)
+    ours = nn.Linear(65, 33, device=DEVICE)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for key in ref.state_dict():
+        assert torch.equal(ours.state_dict()[key], ref.state_dict()[key])
+    ref.load_state_dict(nn.Linear(65, 33, device=DEVICE).state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = randn(4, 65)
+    torch.testing.assert_close(ours(x), ref(x))
+    no_bias = nn.Linear(65, 33, bias=False, activation="relu", device=DEVICE, dtype=torch.float16)
+    assert no_bias.bias is None and no_bias.weight.dtype == torch.float16
+    assert list(no_bias.state_dict()) == list(torch.nn.Linear(65, 33, bias=False).state_dict())
+    torch.testing.assert_close(no_bias(x.half()), torch.relu(x.half() @ no_bias.weight.t()),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_matmul_linear_bad_input():
+    a, b = randn(5, 7), randn(7, 3)
+    with pytest.raises(ValueError, match="a's last dimension"):
+        ops.matmul(a, randn(6, 3))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ops.matmul(randn(2, 5, 7), randn(3, 7, 3))
+    with pytest.raises(TypeError, match="b has dtype"):
+        ops.matmul(a, b.half())
+    with pytest.raises(ValueError, match="b must be on"):
+        ops.matmul(a, torch.empty(7, 3, device="meta"))
+    with pytest.raises(ValueError, match="a must have at least 2"):
+        ops.matmul(randn(7), b)
+    with pytest.raises(TypeError, match="a must have dtype"):
+        ops.matmul(a.long(), b)
+    w = randn(3, 7)
+    with pytest.raises(ValueError, match="activation"):
+        ops.linear(a, w, activation="swish")
+    with pytest.raises(ValueError, match="in_features"):
+        ops.linear(randn(5, 6), w)
+    with pytest.raises(ValueError, match="weight must have 2"):
+        ops.linear(a, randn(3, 7, 1))
+    with pytest.raises(ValueError, match="bias must have"):
+        ops.linear(a, w, randn(4))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        ops.linear(a, w.half())
+    with pytest.raises(ValueError, match="activation"):
+        nn.Linear(7, 3, activation="tanh")(a)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU tier: real sizes, every dtype, both kernels
+# ------------------------------------------------------------------------------------------
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("tokens,d_in,d_out,act", [(16384, 768, 2304, None),
+                                                   (4096, 768, 3072, "gelu_tanh"),
+                                                   (4096, 3072, 768, None)])
+def test_linear_gpu(tokens, d_in, d_out, act, dtype):
+    check_linear((tokens, d_in), d_out, dtype, act=act)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_weight_gradient_shape_gpu(dtype):
+    # the dW GEMM of a 3072 -> 768 projection over 16384 tokens: (768 x 16384) @ (16384 x 3072)
+    check_matmul((768, 16384), (16384, 3072), dtype, ta=True)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_layouts_gpu(dtype):
+    check_matmul((4096, 1000), (1000, 1032), dtype, ta=True, tb=True)  # TMA, both transposed
+    check_matmul((4096, 1001), (1001, 1000), dtype, sa=2)  # strided, unaligned: portable
+    check_matmul((4, 12, 1024, 64), (4, 12, 64, 1024), dtype, tb=True)  # attention-like
+    check_matmul((8, 1024, 768), (768, 2304), dtype, ta=True)  # rows don't flatten
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_both_kernels_gpu(dtype):
+    a, b = randn(4096, 2048, dtype=dtype), randn(1024, 2048, dtype=dtype).t()
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    tma = km.tma_eligible(a, b, None, dtype)  # fp32 takes TMA only with TF32 allowed
+    assert tma == (hopper and (dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32))
+    v5 = lambda t: t[None, None, None]
+    ref = a.double() @ b.double()
+    base = a @ b
+    for use_tma in [False] + [True] * tma:
+        for act, bias in [(None, None), ("gelu_tanh", randn(1024, dtype=dtype))]:
+            c, d, _, _ = km.gemm(v5(a), v5(b), dtype, bias=bias, activation_name=act,
+                                 save_dact=act is not None, use_tma=use_tma)
+            if act is None:
+                assert_close(c[0, 0], ref, base, f"gemm tma={use_tma}")
+            else:
+                z = ref + bias.double()
+                assert_close(c[0, 0], reference.gelu_tanh(z), reference.gelu_tanh(base + bias),
+                             f"gemm+gelu tma={use_tma}")
+                zb = base + bias
+                assert_close(d[0, 0], torch.autograd.functional.vjp(
+                    reference.gelu_tanh, z, torch.ones_like(z))[1],
+                    torch.autograd.functional.vjp(reference.gelu_tanh, zb, torch.ones_like(zb))[1],
+                    f"gemm act' tma={use_tma}")
+
+
+@gpu
+@requires_gpu
+def test_fp32_tf32_switch_gpu(monkeypatch):
+    a, b = randn(2048, 4096), randn(4096, 1024)
+    ref = a.double() @ b.double()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ieee = ops.matmul(a, b)
+    assert_close(ieee, ref, a @ b, "fp32 ieee")
+    assert torch.dist(ieee.double(), ref) / ref.norm() < 1e-5
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = ops.matmul(a, b)
+    assert_close(tf32, ref, a @ b, "fp32 tf32")
+    assert torch.dist(tf32.double(), ref) / ref.norm() > 1e-5  # TF32 products were used

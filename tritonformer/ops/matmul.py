@@ -1,0 +1,287 @@
+"""Matrix products: ``matmul`` (torch.matmul's batch broadcasting) and ``linear`` with a fused
+bias + activation epilogue; autograd Functions with Triton backwards.
+
+Every product is one launch of ``kernels.matmul.gemm``. Batch dims are handled without
+copies where the strides allow: a (..., M, K) @ (K, N) product runs as one 2-D GEMM over the
+flattened rows, other batches as strided batched GEMMs, and gradients of broadcast batch
+dims are summed inside the kernel in fp32. The linear backward fuses the activation's
+derivative into the prologue of the input-gradient GEMM (dZ = dY * act'(Z), with act'(Z)
+saved by the forward's epilogue), which also writes dZ for the weight-gradient GEMM and
+sums dbias; each gradient is written in its input's own dtype from the fp32 accumulator
+(fp32 master weights get fp32 gradients with no 16-bit round trip).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.amp import custom_bwd, custom_fwd
+
+from ..kernels.matmul import GemmResult, dz_and_dbias, gemm
+from ..reference import ACTIVATIONS
+from ..runtime import (
+    DEVICE_TYPE,
+    autocast_dtype,
+    check_choice,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+
+
+def _v5(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand as the kernel's (O0, O1, R, rows, cols) with unit batch dims."""
+    return t[None, None, None]
+
+
+def _gemm2d(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
+            g: torch.Tensor | None = None, **kw) -> GemmResult:
+    """The 2-D product (a * g) @ b through ``kernels.matmul.gemm``, C and D as (M, N)."""
+    r = gemm(_v5(a), _v5(b), out_dtype, g=None if g is None else _v5(g), **kw)
+    return r._replace(c=r.c[0, 0], dact=None if r.dact is None else r.dact[0, 0])
+
+
+def _collapse(dims: list[tuple[int, tuple[int, ...]]]) -> list[tuple[int, tuple[int, ...]]]:
+    """Merge adjacent (size, strides-per-tensor) dims that every tensor lays out as one."""
+    out: list[tuple[int, tuple[int, ...]]] = []
+    for size, strides in dims:
+        if out and all(so == s * size for so, s in zip(out[-1][1], strides, strict=True)):
+            out[-1] = (out[-1][0] * size, strides)
+        else:
+            out.append((size, strides))
+    return out
+
+
+def _contiguous_strides(sizes: list[int]) -> list[int]:
+    strides, acc = [], 1
+    for s in reversed(sizes):
+        strides.append(acc)
+        acc *= s
+    return strides[::-1]
+
+
+def _batched_gemm(
+    x: torch.Tensor, y: torch.Tensor, keep: list[bool], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Sum over the batch dims not kept of x @ y; x (*batch, M, K), y (*batch, K, N).
+
+    x and y share one batch shape (expanded views, stride 0 where broadcast). Returns the
+    contiguous (*kept batch sizes, M, N) product, reduced in fp32 inside the kernel.
+    """
+    nb = x.dim() - 2
+    m, k, n = x.shape[-2], x.shape[-1], y.shape[-1]
+    kept = [i for i in range(nb) if keep[i] and x.shape[i] != 1]
+    red = [i for i in range(nb) if not keep[i] and x.shape[i] != 1]
+    x = x.permute(*kept, *red, nb, nb + 1)
+    y = y.permute(*kept, *red, nb, nb + 1)
+    kept_sizes = [x.shape[i] for i in range(len(kept))]
+    out_strides = [s * m * n for s in _contiguous_strides(kept_sizes)]
+
+    def plan(x, y):
+        o = _collapse([(x.shape[i], (x.stride(i), y.stride(i), out_strides[i]))
+                       for i in range(len(kept))])
+        r = _collapse([(x.shape[i], (x.stride(i), y.stride(i)))
+                       for i in range(len(kept), len(kept) + len(red))])
+        return o, r
+
+    o, r = plan(x, y)
+    if len(o) > 2 or len(r) > 1:  # strides no batch layout of the kernel can follow
+        x, y = x.contiguous(), y.contiguous()
+        o, r = plan(x, y)
+    o = [(1, (0, 0, 0))] * (2 - len(o)) + o
+    r = r or [(1, (0, 0))]
+    size5 = [o[0][0], o[1][0], r[0][0]]
+    x5 = x.as_strided([*size5, m, k], [o[0][1][0], o[1][1][0], r[0][1][0], x.stride(-2),
+                                       x.stride(-1)], x.storage_offset())
+    y5 = y.as_strided([*size5, k, n], [o[0][1][1], o[1][1][1], r[0][1][1], y.stride(-2),
+                                       y.stride(-1)], y.storage_offset())
+    return gemm(x5, y5, out_dtype).c.view(*kept_sizes, m, n)
+
+
+def _broadcast(a: torch.Size, b: torch.Size) -> tuple[int, ...] | None:
+    """torch's broadcast of two batch shapes, or None when they don't broadcast (plain
+    Python: torch.broadcast_shapes costs tens of microseconds per call)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and x != 1 and y != 1 for x, y in zip(a, b, strict=True)):
+        return None
+    return tuple(x if y == 1 else y for x, y in zip(a, b, strict=True))
+
+
+def _rows(a: torch.Tensor) -> torch.Tensor | None:
+    """a (..., M, K) as a (L*M, K) view, or None when its strides don't allow one."""
+    try:
+        return a.view(-1, a.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on, else the inputs' (common) dtype, t's."""
+    return autocast_dtype() or t.dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class MatmulFunction(torch.autograd.Function):
+    @staticmethod
+    @custom_fwd(device_type=DEVICE_TYPE)
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(a)
+        ac, bc = a.to(dt), b.to(dt)
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        batch = _broadcast(a.shape[:-2], b.shape[:-2])
+        ctx.dtypes = (a.dtype, b.dtype)
+        ctx.shapes = (a.shape, b.shape, batch)
+        a2 = _rows(ac) if b.shape[:-2].numel() == 1 else None
+        ctx.flat = a2 is not None
+        need_a, need_b = ctx.needs_input_grad[:2]
+        if ctx.flat:  # (..., M, K) @ (K, N): one 2-D GEMM over all rows
+            b2 = bc.view(k, n)
+            ctx.save_for_backward(a2 if need_b else None, b2 if need_a else None)
+            return _gemm2d(a2, b2, dt).c.view(*batch, m, n)
+        x = ac.expand(*batch, m, k)
+        y = bc.expand(*batch, k, n)
+        ctx.save_for_backward(x if need_b else None, y if need_a else None)
+        return _batched_gemm(x, y, [True] * len(batch), dt).view(*batch, m, n)
+
+    @staticmethod
+    @custom_bwd(device_type=DEVICE_TYPE)
+    def backward(ctx, dc: torch.Tensor):
+        x, y = ctx.saved_tensors
+        a_shape, b_shape, batch = ctx.shapes
+        a_dtype, b_dtype = ctx.dtypes
+        need_a, need_b = ctx.needs_input_grad[:2]
+        da = db = None
+        if ctx.flat:
+            dc2 = dc.reshape(-1, dc.shape[-1])
+            if need_a:  # dA = dC B^T
+                da = _gemm2d(dc2, y.t(), a_dtype).c.view(a_shape)
+            if need_b:  # dB = A^T dC, reduced over all rows in fp32
+                db = _gemm2d(x.t(), dc2, b_dtype).c.view(b_shape)
+            return da, db
+        nb = len(batch)
+
+        def keep(shape: torch.Size) -> list[bool]:
+            lead = nb - (len(shape) - 2)
+            return [i >= lead and shape[i - lead] != 1 for i in range(nb)]
+
+        if need_a:
+            da = _batched_gemm(dc, y.transpose(-1, -2), keep(a_shape), a_dtype).view(a_shape)
+        if need_b:
+            db = _batched_gemm(x.transpose(-1, -2), dc, keep(b_shape), b_dtype).view(b_shape)
+        return da, db
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Matrix product with torch.matmul's batch broadcasting, the counterpart of ``a @ b``.
+
+    Args:
+        a: (*A, M, K), at least 2-D; fp32, fp16 or bf16; any strides.
+        b: (*B, K, N), at least 2-D; same dtype and device as a (outside autocast).
+
+    Returns:
+        (*broadcast(A, B), M, N), contiguous, in the inputs' dtype, or the autocast dtype
+        under torch.autocast (gradients come back in each input's own dtype). Accumulation
+        is fp32; fp32 inputs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32``.
+        Transposed or strided inputs are read in place; (..., M, K) @ (K, N) runs as one
+        2-D GEMM over the flattened rows when a's strides allow it.
+    """
+    check_tensor(a, "a", min_ndim=2)
+    check_tensor(b, "b", min_ndim=2)
+    check_same_device(a=a, b=b)
+    if autocast_dtype() is None:
+        check_same_dtype(a=a, b=b)
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"a's last dimension ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]}); "
+            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if _broadcast(a.shape[:-2], b.shape[:-2]) is None:
+        raise ValueError(
+            f"the batch dimensions of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} "
+            "do not broadcast"
+        )
+    return MatmulFunction.apply(a, b)
+
+
+class LinearFunction(torch.autograd.Function):
+    @staticmethod
+    @custom_fwd(device_type=DEVICE_TYPE)
+    def forward(ctx, x, weight, bias, activation: str | None, keep_dact: bool) -> torch.Tensor:
+        dt = _compute_dtype(x)
+        xc, wc, bc = x.to(dt), weight.to(dt), _cast(bias, dt)
+        x2 = xc.reshape(-1, x.shape[-1])
+        y2, dact, _, _ = _gemm2d(x2, wc.t(), dt, bias=bc, activation_name=activation,
+                                 save_dact=keep_dact and activation is not None)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, dact)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.x_shape = x.shape
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @custom_bwd(device_type=DEVICE_TYPE)
+    def backward(ctx, dy: torch.Tensor):
+        x2, wc, dact = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dz = db = dw = None
+        want_dz = need_w and dact is not None  # dW needs dZ = dY * act'(Z) materialised
+        b_dt = b_dtype if need_b else None
+        if need_x:  # dX = (dY * act'(Z)) W; dZ and dbias come out of its prologue
+            dx, _, dz, db = _gemm2d(dy2, wc, x_dtype, g=dact, dz=want_dz, dbias_dtype=b_dt)
+            dx = dx.view(ctx.x_shape)
+        elif want_dz or need_b:  # no dX GEMM to produce them
+            dz, db = dz_and_dbias(dy2, dact, want_dz, b_dt)
+        if need_w:  # dW = dZ^T X, reduced over every row in fp32
+            dw = _gemm2d((dy2 if dz is None else dz).t(), x2, w_dtype).c
+        return dx, dw, db, None, None
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias), the counterpart of ``F.linear`` plus an activation.
+
+    Args:
+        x: (..., in_features), fp32, fp16 or bf16, any strides (flattened to rows as
+            ``x.reshape(-1, in_features)``, a view where the strides allow).
+        weight: (out_features, in_features), torch's layout; read in place (no transpose copy).
+        bias: optional (out_features,).
+        activation: None, "relu", "gelu" (erf) or "gelu_tanh", applied to the fp32
+            accumulator in the GEMM's epilogue.
+
+    Returns:
+        (..., out_features), contiguous, in the inputs' dtype (which must match outside
+        autocast), or the autocast dtype under torch.autocast; gradients come back in each
+        input's own dtype. When a gradient will be needed, the epilogue also stores
+        act'(x W^T + b) (in the output dtype) for the backward.
+    """
+    check_choice(activation, "activation", ACTIVATIONS)
+    check_tensor(x, "x", min_ndim=1)
+    check_tensor(weight, "weight", ndim=2)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+    check_same_device(x=x, weight=weight, bias=bias)
+    if autocast_dtype() is None:
+        check_same_dtype(x=x, weight=weight, bias=bias)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dimension ({x.shape[-1]}) must equal weight's in_features "
+            f"({weight.shape[1]}); got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"bias must have weight's out_features ({weight.shape[0]}) elements, got "
+            f"{tuple(bias.shape)}"
+        )
+    keep_dact = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    return LinearFunction.apply(x, weight, bias, activation, keep_dact)
