@@ -5,8 +5,13 @@ counterpart of ``torch.nn.functional``) -> ``nn`` (modules, the counterpart of `
 -> the model. ``reference`` is the plain-PyTorch twin of every op.
 """
 
-from . import runtime  # noqa: F401  (first: picks compiled kernels or the interpreter)
-from . import nn, ops, reference  # noqa: E402
+from . import (  # noqa: E402
+    nn,
+    ops,
+    reference,
+    runtime,  # noqa: F401  (first: picks compiled kernels or the interpreter)
+)
+from .model import Transformer, TransformerConfig  # noqa: E402
 
-__all__ = ["nn", "ops", "reference", "runtime"]
+__all__ = ["Transformer", "TransformerConfig", "nn", "ops", "reference", "runtime"]
 __version__ = "0.1.0"

@@ -8,8 +8,6 @@ counterpart in ``tritonformer.ops``; none of them checks its arguments.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -32,9 +30,10 @@ def relu(x: torch.Tensor) -> torch.Tensor:
 
 def activation(x: torch.Tensor, name: str | None) -> torch.Tensor:
     """Apply the activation called ``name`` (one of ACTIVATIONS; None is the identity)."""
-    if name is None:
-        return x
-    return {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}[name](x)
+    return _ACTIVATION_FNS[name](x)
+
+
+_ACTIVATION_FNS = {None: lambda x: x, "relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
 def layer_norm(
@@ -94,10 +93,14 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation_name: str | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight.T + bias), weight in torch's (out_features, in_features) layout."""
-    return activation(F.linear(x, weight, bias), activation_name)
+    return _ACTIVATION_FNS[activation](F.linear(x, weight, bias))
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    return F.dropout(x, p, training)
 
 
 def alibi_bias(
@@ -110,9 +113,7 @@ def alibi_bias(
     """
     i = torch.arange(sq, device=device or slopes.device)[:, None] + (skv - sq)
     j = torch.arange(skv, device=device or slopes.device)[None, :]
-    return -slopes.to(torch.float64 if slopes.dtype == torch.float64 else torch.float32)[
-        :, None, None
-    ] * (i - j).abs()
+    return -slopes[:, None, None] * (i - j).abs()
 
 
 def attention(
@@ -125,20 +126,25 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + alibi + mask) v for q (B, H, Sq, D), k and v (B, H, Skv, D).
 
+    Computed through ``F.scaled_dot_product_attention`` (so the torch backend uses SDPA), with
+    an explicit float mask for ALiBi and for the bottom-right causal mask when Sq != Skv.
+
     The causal mask is aligned bottom-right: query i sees keys j <= Skv - Sq + i. A query row
     that sees no key (possible only when Sq > Skv) outputs zeros.
     """
-    sq, skv, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    sq, skv = q.shape[-2], k.shape[-2]
+    if alibi_slopes is None and (not causal or sq == skv):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    mask = torch.zeros(sq, skv, dtype=q.dtype, device=q.device)
     if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, sq, skv, q.device).to(scores.dtype)
+        mask = alibi_bias(alibi_slopes, sq, skv, q.device).to(q.dtype)
     if causal:
         i = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
         j = torch.arange(skv, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.matmul(p.to(v.dtype), v)
+        mask = mask.masked_fill(j > i, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # Rows that see no key (causal with Sq > Skv) come out NaN from SDPA; the spec says zeros.
+    return out.nan_to_num(0.0) if causal and sq > skv else out
 
 
 def linear_cross_entropy(

@@ -5,5 +5,16 @@ autocast policy for its torch counterpart, and runs in the input's dtype otherwi
 """
 
 from .activations import activation, gelu, relu
+from .attention import alibi_slopes, attention
+from .cross_entropy import cross_entropy
+from .dropout import dropout
+from .layer_norm import add_layer_norm, layer_norm
+from .matmul import linear, matmul
+from .softmax import softmax
 
-__all__ = ["activation", "gelu", "relu"]
+__all__ = [
+    "alibi_slopes", "attention",
+    "activation", "add_layer_norm", "cross_entropy", "dropout", "gelu", "layer_norm", "relu",
+    "softmax",
+    "linear", "matmul",
+]
