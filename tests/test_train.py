@@ -1,0 +1,278 @@
+"""The training CLI end to end on the CPU: runs, eval, checkpoints, resume, DDP, crashes, errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tritonformer import checkpoint as ckpt
+from tritonformer.cli import main
+from tritonformer.train import read_metrics
+
+# A tiny model and run: a few interpreter steps each.
+SMALL = [
+    "--n-layer",
+    "1",
+    "--d-model",
+    "32",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "2",
+    "--eval-iters",
+    "1",
+    "--no-progress",
+    "--sample-tokens",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y"]
+    path.write_text(" ".join(rng.choice(words, 3000)))
+    return str(path)
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))}
+
+
+def test_train_eval_checkpoint_and_resume_equals_uninterrupted(tmp_path, corpus, capsys):
+    a = tmp_path / "a"
+    assert (
+        run_cli(
+            "train",
+            "--data",
+            corpus,
+            "--out-dir",
+            a,
+            "--steps",
+            6,
+            "--eval-interval",
+            3,
+            "--ckpt-interval",
+            3,
+            "--sample-tokens",
+            8,
+            *SMALL[:-2],
+        )
+        == 0
+    )
+    rows = read_metrics(str(a / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(a / "checkpoints"))]
+    assert names == ["step-00000003", "step-00000006"]
+    assert "--- sample ---" in capsys.readouterr().out
+
+    # Interrupted after step 3: the same run resumed from its step-3 checkpoint.
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-00000006")
+    assert (
+        run_cli(
+            "train",
+            "--data",
+            corpus,
+            "--out-dir",
+            b,
+            "--steps",
+            6,
+            "--eval-interval",
+            3,
+            "--ckpt-interval",
+            3,
+            "--resume",
+            *SMALL,
+        )
+        == 0
+    )
+    assert losses(b) == losses(a)  # bit-for-bit: same data, RNG, optimizer state
+
+
+def test_generate_from_run(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", corpus, "--out-dir", out, "--steps", 1, *SMALL) == 0
+    capsys.readouterr()
+    assert run_cli("generate", "--run", out, "--prompt", "def", "--max-new-tokens", 5) == 0
+    assert capsys.readouterr().out.startswith("def")
+
+
+def test_prepare_then_train_on_token_file_and_plot(tmp_path, corpus):
+    binf = str(tmp_path / "c.bin")
+    assert run_cli("prepare", "--data", corpus, "--out", binf) == 0
+    meta = json.load(open(binf + ".json"))
+    assert meta["dtype"] == "uint16" and meta["tokens"] == os.path.getsize(corpus)
+    out = tmp_path / "tok"
+    assert (
+        run_cli(
+            "train", "--data", binf, "--out-dir", out, "--steps", 2, "--log-format", "csv", *SMALL
+        )
+        == 0
+    )
+    png = str(tmp_path / "loss.png")
+    assert run_cli("plot", str(out), "--out", png) == 0
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def one_line_error(capsys, *args) -> str:
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, corpus, capsys):
+    out = str(tmp_path / "o")
+    base = ["train", "--out-dir", out, "--steps", "1", *SMALL]
+    assert "does not exist" in one_line_error(capsys, *base, "--data", str(tmp_path / "none.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in one_line_error(capsys, *base, "--data", str(empty))
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    assert "fewer than one block" in one_line_error(capsys, *base, "--data", str(short))
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x01\x02\x03")
+    assert "whole number" in one_line_error(capsys, *base, "--data", str(odd))
+    wide = tmp_path / "wide.bin"
+    np.arange(100, dtype=np.uint32).tofile(wide)
+    (tmp_path / "wide.bin.json").write_text(json.dumps({"dtype": "uint32"}))
+    assert "holds uint32" in one_line_error(
+        capsys, *base, "--data", str(wide), "--data-dtype", "uint16"
+    )
+    narrow = tmp_path / "narrow.bin"
+    np.arange(100, dtype=np.uint16).tofile(narrow)  # read as uint32: ids far above the vocab
+    assert "wrong dtype" in one_line_error(
+        capsys, *base, "--data", str(narrow), "--data-dtype", "uint32"
+    )
+    big = tmp_path / "big.bin"
+    np.full(100, 1000, dtype=np.uint16).tofile(big)
+    assert "vocab_size" in one_line_error(capsys, *base, "--data", str(big))
+    assert "smaller than the tokenizer" in one_line_error(
+        capsys, *base, "--data", corpus, "--vocab-size", "100"
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(
+        capsys, "train", "--out-dir", str(blocker / "sub"), "--data", corpus, "--steps", "1", *SMALL
+    )
+    assert "no checkpoint" in one_line_error(capsys, *base, "--data", corpus, "--resume")
+    assert run_cli(*base, "--data", corpus) == 0
+    assert "another model" in one_line_error(
+        capsys,
+        "train",
+        "--out-dir",
+        out,
+        "--steps",
+        "2",
+        *SMALL,
+        "--d-model",
+        "64",
+        "--data",
+        corpus,
+        "--resume",
+    )
+    assert "unknown tokenizer" in one_line_error(
+        capsys, *base, "--data", corpus, "--tokenizer", "nope"
+    )
+
+
+KILL_IN_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from tritonformer import checkpoint
+    from tritonformer.cli import main
+    real_save_model = checkpoint.save_model
+    calls = []
+    def dying_save_model(model, path):
+        calls.append(path)
+        real_save_model(model, path)
+        if len(calls) == 2:  # the second save: killed with its model file half-way written
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save_model = dying_save_model
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, corpus):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        corpus,
+        "--out-dir",
+        str(out),
+        "--steps",
+        "4",
+        "--ckpt-interval",
+        "2",
+        *SMALL,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SAVE, *args], capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr
+    root = str(out / "checkpoints")
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["step-00000002"]
+    assert any(".tmp-" in n for n in os.listdir(root))  # the killed save's debris
+    assert run_cli(*args, "--resume") == 0  # resumes from step 2, cleans the debris
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    assert not any(".tmp-" in n for n in os.listdir(root))
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, corpus):
+    common = ["train", "--data", corpus, "--steps", "3", "--eval-interval", "3", *SMALL]
+    one = tmp_path / "one"
+    bs = SMALL.index("--batch-size") + 1
+    single = common[:]
+    single[len(common) - len(SMALL) + bs] = "4"  # one process, global batch 4
+    assert run_cli(*single, "--out-dir", one) == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "tritonformer.cli",
+            *common,
+            "--out-dir",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    l1, l2 = losses(one), losses(two)
+    assert l1.keys() == l2.keys() == {1, 2, 3}
+    for s in l1:
+        assert abs(l1[s] - l2[s]) <= 1e-5 * abs(l1[s]), (s, l1[s], l2[s])

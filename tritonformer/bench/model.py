@@ -1,0 +1,164 @@
+"""Model benchmark: a training step's forward + backward, Tritonformer vs PyTorch eager and
+torch.compile of the same model (backend "torch"), in one run on one card.
+
+TFLOP/s use PaLM's convention, per token: 6 * N_matmul + 12 * n_layer * d_model * T
+(N_matmul: the parameters of every matmul, the LM head included; T: sequence length).
+Writes a markdown table, a JSON file and a bar chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import sys
+
+import torch
+
+from ..model import Transformer, TransformerConfig
+from .harness import GiB, environment, time_ms
+
+#: (preset, sequence length, batch size)
+CONFIGS = [
+    ("gpt2", 1024, 16),
+    ("410m", 2048, 4),
+    ("410m", 4096, 2),
+    ("840m", 2048, 2),
+    ("1.4b", 2048, 4),
+]
+PROVIDERS = ("tritonformer", "torch", "torch.compile")
+
+
+def _model(provider: str, cfg: TransformerConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = Transformer(cfg, backend="triton" if provider == "tritonformer" else "torch").cuda()
+    if provider == "torch.compile":
+        model = torch.compile(model)
+    return model
+
+
+def _train_step(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype) -> None:
+    """Forward + backward of one batch under autocast; gradients dropped afterwards."""
+    with torch.autocast("cuda", dtype=dtype):
+        loss = model(idx, idx)[1]
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def bench_config(preset: str, T: int, B: int, dtype: torch.dtype) -> list[dict]:
+    cfg = TransformerConfig.preset(preset, block_size=max(T, 1024))
+    flops_per_token = cfg.flops_per_token(seq_len=T)
+    rows = []
+    for provider in PROVIDERS:
+        model = _model(provider, cfg)
+        idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+        step = functools.partial(_train_step, model, idx, dtype)
+        step()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / GiB
+        ms, p20, p80 = time_ms(step, warmup_ms=200, rep_ms=1500)
+        tflops = flops_per_token * B * T / ms / 1e9
+        row = dict(
+            config=f"{preset} T={T} B={B}",
+            provider=provider,
+            dtype=str(dtype)[6:],
+            ms=ms,
+            ms_p20=p20,
+            ms_p80=p80,
+            tflops=tflops,
+            tokens_per_s=B * T / ms * 1e3,
+            peak_gib=peak,
+        )
+        print(
+            f"{row['config']:>22} {provider:>14} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  "
+            f"{row['tokens_per_s']:>10,.0f} tok/s  peak {peak:6.2f} GiB",
+            flush=True,
+        )
+        rows.append(row)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "| config | provider | ms/step | TFLOP/s | tokens/s | peak GiB | vs eager | "
+        "vs compile |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    by = {(r["config"], r["provider"]): r for r in rows}
+    lines = []
+    for r in rows:
+        e, c = by.get((r["config"], "torch")), by.get((r["config"], "torch.compile"))
+        lines.append(
+            f"| {r['config']} | {r['provider']} | {r['ms']:.2f} | {r['tflops']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
+            f"{r['tflops'] / e['tflops']:.2f}x | {r['tflops'] / c['tflops']:.2f}x |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    w = 0.8 / len(PROVIDERS)
+    for i, prov in enumerate(PROVIDERS):
+        vals = [
+            next((r["tflops"] for r in rows if r["config"] == c and r["provider"] == prov), 0)
+            for c in configs
+        ]
+        ax.bar([x + i * w for x in range(len(configs))], vals, w, label=prov)
+    ax.set_xticks([x + w for x in range(len(configs))], configs, rotation=15)
+    ax.set_ylabel("TFLOP/s (fwd+bwd, PaLM count)")
+    ax.set_title(f"Training step throughput, {rows[0]['dtype']} autocast")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tritonformer bench model", description=__doc__)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--configs", nargs="*", help="subset, e.g. 'gpt2:1024:16'")
+    p.add_argument("--out", default="benchmarks/model", help="prefix of .md/.json/.png outputs")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the model benchmark needs a CUDA device", file=sys.stderr)
+        return 2
+    configs = (
+        [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in a.configs]
+        if a.configs
+        else CONFIGS
+    )
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    env = environment()
+    print(env, flush=True)
+    rows = [r for c in configs for r in bench_config(*c, dtype)]
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    table = markdown(rows)
+    with open(a.out + ".md", "w") as f:
+        f.write(f"{env}\n\n{table}")
+    chart(rows, a.out + ".png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
