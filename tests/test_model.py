@@ -222,8 +222,9 @@ def test_from_pretrained_bad_checkpoints(tmp_path):
 def test_gpt2_bf16_autocast_parity_gpu():
     cfg = TransformerConfig.preset("gpt2")
     torch.manual_seed(0)
-    tri = Transformer(cfg).cuda()
-    ref = Transformer(cfg, backend="torch").cuda()
+    with torch.device("cuda"):
+        tri = Transformer(cfg)
+        ref = Transformer(cfg, backend="torch")
     ref.load_state_dict(tri.state_dict())
     idx = torch.randint(0, cfg.vocab_size, (4, 1024), device="cuda")
     tgt = torch.randint(0, cfg.vocab_size, (4, 1024), device="cuda")
@@ -246,7 +247,8 @@ def test_gpt2_bf16_autocast_parity_gpu():
 def test_preset_training_step_gpu(name, dtype):
     cfg = TransformerConfig.preset(name)
     torch.manual_seed(0)
-    model = Transformer(cfg).cuda()
+    with torch.device("cuda"):
+        model = Transformer(cfg)
     opt = model.configure_optimizers(0.1, 3e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     B, T = 2, min(cfg.block_size, 1024)

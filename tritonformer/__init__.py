@@ -5,13 +5,13 @@ counterpart of ``torch.nn.functional``) -> ``nn`` (modules, the counterpart of `
 -> the model. ``reference`` is the plain-PyTorch twin of every op.
 """
 
-from . import (  # noqa: E402
-    nn,
-    ops,
-    reference,
-    runtime,  # noqa: F401  (first: picks compiled kernels or the interpreter)
-)
-from .model import Transformer, TransformerConfig  # noqa: E402
+# runtime first: it turns on Triton's interpreter (no CUDA device) before triton.language and
+# any kernel are defined; the isort split keeps import sorting from moving it.
+from . import runtime
+
+# isort: split
+from . import nn, ops, reference
+from .model import Transformer, TransformerConfig
 
 __all__ = ["Transformer", "TransformerConfig", "nn", "ops", "reference", "runtime"]
 __version__ = "0.1.0"

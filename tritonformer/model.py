@@ -236,7 +236,9 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
         else:
-            self.register_buffer("alibi", alibi_slopes(cfg.n_head).cpu(), persistent=False)
+            # on the device the parameters are being created on (a torch.device context)
+            here = torch.empty(()).device
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head).to(here), persistent=False)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight

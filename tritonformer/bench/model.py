@@ -33,7 +33,8 @@ PROVIDERS = ("tritonformer", "torch", "torch.compile")
 
 def _model(provider: str, cfg: TransformerConfig) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = Transformer(cfg, backend="triton" if provider == "tritonformer" else "torch").cuda()
+    with torch.device("cuda"):
+        model = Transformer(cfg, backend="triton" if provider == "tritonformer" else "torch")
     if provider == "torch.compile":
         model = torch.compile(model)
     return model
