@@ -9,10 +9,12 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from tritonformer import checkpoint as ckpt
 from tritonformer.cli import main
 from tritonformer.train import read_metrics
+from helpers import ON_GPU
 
 # A tiny model and run: a few interpreter steps each.
 SMALL = [
@@ -102,7 +104,12 @@ def test_train_eval_checkpoint_and_resume_equals_uninterrupted(tmp_path, corpus,
         )
         == 0
     )
-    assert losses(b) == losses(a)  # bit-for-bit: same data, RNG, optimizer state
+    la, lb = losses(a), losses(b)
+    if ON_GPU:  # atomics in some GPU kernels: equal up to summation order
+        assert la.keys() == lb.keys()
+        assert all(abs(la[s] - lb[s]) <= 1e-3 * abs(la[s]) for s in la), (la, lb)
+    else:  # bit-for-bit: same data, RNG, optimizer state
+        assert lb == la
 
 
 def test_generate_from_run(tmp_path, corpus, capsys):
@@ -242,6 +249,9 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, corpus):
     assert not any(".tmp-" in n for n in os.listdir(root))
 
 
+@pytest.mark.skipif(
+    ON_GPU and torch.cuda.device_count() < 2, reason="two processes need two GPUs (or no GPU)"
+)
 def test_two_process_ddp_equals_one_process(tmp_path, corpus):
     common = ["train", "--data", corpus, "--steps", "3", "--eval-interval", "3", *SMALL]
     one = tmp_path / "one"
