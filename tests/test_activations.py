@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from helpers import (
     ALL_DTYPES,
     DTYPES,
@@ -10,7 +11,6 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-
 from tritonformer import nn, ops, reference
 
 NAMES = ["relu", "gelu", "gelu_tanh"]

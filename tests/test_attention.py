@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from helpers import (
     DEVICE,
     assert_close,
@@ -12,7 +13,6 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-
 from tritonformer import ops, reference
 from tritonformer.runtime import DEVICE_TYPE
 

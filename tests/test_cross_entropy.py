@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from helpers import (
     ALL_DTYPES,
     DEVICE,
@@ -11,7 +12,6 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-
 from tritonformer import nn, ops, reference
 from tritonformer.kernels.cross_entropy import CONFIG
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from helpers import DTYPES, randn
 
+from helpers import DTYPES, randn
 from tritonformer import nn, ops
 
 

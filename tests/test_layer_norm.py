@@ -2,6 +2,7 @@ import contextlib
 
 import pytest
 import torch
+
 from helpers import (
     ALL_DTYPES,
     DEVICE,
@@ -13,7 +14,6 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-
 from tritonformer import nn, ops, reference
 from tritonformer.kernels import layer_norm as kernels
 from tritonformer.ops.layer_norm import _rows

@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+
 from helpers import (
     ALL_DTYPES,
     DEVICE,
@@ -14,7 +15,6 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-
 from tritonformer import nn, ops, reference
 from tritonformer.kernels import matmul as km
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from helpers import DEVICE, gpu, rel_err, requires_gpu
 
+from helpers import DEVICE, gpu, rel_err, requires_gpu
 from tritonformer import Transformer, TransformerConfig
 from tritonformer.hf import CheckpointError
 from tritonformer.model import PRESETS

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ON_GPU
 from tritonformer import checkpoint as ckpt
 from tritonformer.cli import main
 from tritonformer.train import read_metrics
-from helpers import ON_GPU
 
 # A tiny model and run: a few interpreter steps each.
 SMALL = [
