@@ -1,5 +1,8 @@
 """LayerNorm over the last dimension, optionally fused with the residual add before it.
 
+Means divide with ``tl.div_rn`` (IEEE round to nearest): the GPU's default fp32 division is
+approximate, and even x / 1 can move by an ulp.
+
 Rows are the flattened leading dimensions: the input is an [M, N] view with a row stride and a
 unit column stride. Everything is computed in fp32 whatever the storage dtypes.
 
@@ -238,9 +241,9 @@ def layer_norm_fwd_kernel(
         mask = row_mask[:, None] & (cols < N)[None, :]
         x = _load_input(x_ptr, r_ptr, s_ptr, rows, cols, mask, stride_xm, stride_rm, N,
                         HAS_RESIDUAL, True)
-        mean = tl.sum(x, axis=1) / N
+        mean = tl.div_rn(tl.sum(x, axis=1), N * 1.0)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        rstd = tl.rsqrt(tl.div_rn(tl.sum(xc * xc, axis=1), N * 1.0) + eps)
         _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, cols, mask, N,
                          HAS_WEIGHT, HAS_BIAS)
     else:
@@ -255,12 +258,12 @@ def layer_norm_fwd_kernel(
                             HAS_RESIDUAL, True)
             n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             n_a = start * 1.0  # as fp32
-            mean_b = tl.sum(x, axis=1) / n_b
+            mean_b = tl.div_rn(tl.sum(x, axis=1), n_b)
             xc = tl.where(mask, x - mean_b[:, None], 0.0)
             delta = mean_b - mean
             mean += delta * (n_b / (n_a + n_b))
             m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
-        rstd = tl.rsqrt(m2 / N + eps)
+        rstd = tl.rsqrt(tl.div_rn(m2, N * 1.0) + eps)
         # Pass 2: normalise (the residual sum is recomputed, not re-read from s).
         for start in range(0, N, BLOCK_N):
             c = start + cols
@@ -319,8 +322,8 @@ def layer_norm_bwd_kernel(
             xhat, dy, wdy = _bwd_load(x_ptr, dy_ptr, w, rows, cols, mask, mean, rstd,
                                       stride_xm, stride_dym, HAS_WEIGHT)
             if COMPUTE_DX:
-                c1 = tl.sum(xhat * wdy, axis=1) / N
-                c2 = tl.sum(wdy, axis=1) / N
+                c1 = tl.div_rn(tl.sum(xhat * wdy, axis=1), N * 1.0)
+                c2 = tl.div_rn(tl.sum(wdy, axis=1), N * 1.0)
                 _store_dx(xhat, wdy, c1, c2, rstd, ds_ptr, dx_ptr, dr_ptr, rows, cols, mask,
                           stride_dsm, N, HAS_DS, STORE_DR)
             if COMPUTE_DW:
@@ -356,8 +359,8 @@ def layer_norm_bwd_kernel(
                                               stride_xm, stride_dym, HAS_WEIGHT)
                     c1 += tl.sum(xhat * wdy, axis=1)
                     c2 += tl.sum(wdy, axis=1)
-                c1 = c1 / N
-                c2 = c2 / N
+                c1 = tl.div_rn(c1, N * 1.0)
+                c2 = tl.div_rn(c2, N * 1.0)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c < N)[None, :]
