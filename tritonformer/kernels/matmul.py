@@ -162,11 +162,13 @@ def _a_side_outputs(a, offs_m, offs_k, M, K, pid_n, dz_ptr, dbias_ptr,
 
 
 @triton.jit
-def _accumulate(acc, a, b, PRECISION: tl.constexpr):
+def _accumulate(acc, a, b, one, PRECISION: tl.constexpr):
     """acc + a @ b. IEEE fp32 sums each BK-long block apart, then adds it to the running sum:
-    the rounding error grows with BK + K / BK rather than K, as cuBLAS's fp32 GEMM's does."""
+    the rounding error grows with BK + K / BK rather than K, close to cuBLAS's fp32 GEMM.
+    ``one`` is 1.0 computed at run time: the compiler folds ``acc + dot(a, b)`` back into
+    ``dot(a, b, acc)``, but not ``acc + dot(a, b) * one``."""
     if PRECISION == "ieee":
-        return acc + tl.dot(a, b, input_precision=PRECISION)
+        return acc + tl.dot(a, b, input_precision=PRECISION) * one
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -233,6 +235,7 @@ def gemm_tma_kernel(
     """Persistent GEMM: each program loops over (tile, K split) units, TMA loads, wgmma."""
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
+    one = (K > 0).to(tl.float32)  # 1.0, unknown to the compiler (see _accumulate)
     num_pid_n = tl.cdiv(N, BN)
     units = num_pid_m * num_pid_n * SPLIT_K
     unit_c = start - NUM_SMS  # the epilogue's own copy of the unit counter
@@ -267,7 +270,7 @@ def gemm_tma_kernel(
             if ROUND_TF32:
                 a = _round_tf32(a)
                 b = _round_tf32(b)
-            acc = _accumulate(acc, a, b, PRECISION)
+            acc = _accumulate(acc, a, b, one, PRECISION)
 
         unit_c += NUM_SMS
         pid_m, pid_n, split = _tile_coords(unit_c, num_pid_m, num_pid_n, SPLIT_K, GROUP_M)
@@ -328,6 +331,7 @@ def gemm_kernel(
 ):
     """One (tile, K split) per program along axis 0, one output batch index along axis 1."""
     num_pid_m = tl.cdiv(M, BM)
+    one = (K > 0).to(tl.float32)  # 1.0, unknown to the compiler (see _accumulate)
     num_pid_n = tl.cdiv(N, BN)
     pid_m, pid_n, split = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, SPLIT_K, GROUP_M)
     batch = tl.program_id(1)
@@ -368,7 +372,7 @@ def gemm_kernel(
         if ROUND_TF32:
             a = _round_tf32(a)
             b = _round_tf32(b)
-        acc = _accumulate(acc, a, b, PRECISION)
+        acc = _accumulate(acc, a, b, one, PRECISION)
 
     c_off = (split.to(tl.int64) * s_cs + o0 * s_c0 + o1 * s_c1 + offs_m[:, None].to(tl.int64) * s_cm
              + offs_n[None, :].to(tl.int64) * s_cn)
