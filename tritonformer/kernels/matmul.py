@@ -235,7 +235,7 @@ def gemm_tma_kernel(
     """Persistent GEMM: each program loops over (tile, K split) units, TMA loads, wgmma."""
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
-    one = (K > 0).to(tl.float32)  # 1.0, unknown to the compiler (see _accumulate)
+    one = tl.where(K > 0, 1.0, 0.0)  # 1.0, unknown to the compiler (see _accumulate)
     num_pid_n = tl.cdiv(N, BN)
     units = num_pid_m * num_pid_n * SPLIT_K
     unit_c = start - NUM_SMS  # the epilogue's own copy of the unit counter
@@ -331,7 +331,7 @@ def gemm_kernel(
 ):
     """One (tile, K split) per program along axis 0, one output batch index along axis 1."""
     num_pid_m = tl.cdiv(M, BM)
-    one = (K > 0).to(tl.float32)  # 1.0, unknown to the compiler (see _accumulate)
+    one = tl.where(K > 0, 1.0, 0.0)  # 1.0, unknown to the compiler (see _accumulate)
     num_pid_n = tl.cdiv(N, BN)
     pid_m, pid_n, split = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, SPLIT_K, GROUP_M)
     batch = tl.program_id(1)
