@@ -286,3 +286,53 @@ def test_two_process_ddp_equals_one_process(tmp_path, corpus):
     assert l1.keys() == l2.keys() == {1, 2, 3}
     for s in l1:
         assert abs(l1[s] - l2[s]) <= 1e-5 * abs(l1[s]), (s, l1[s], l2[s])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, corpus):
+    bs = SMALL.index("--batch-size") + 1
+    big = SMALL[:bs] + ["4"] + SMALL[bs + 1 :]
+    common = ["train", "--data", corpus, "--steps", "3", "--eval-interval", "3"]
+    assert run_cli(*common, *big, "--out-dir", tmp_path / "big") == 0
+    assert run_cli(*common, *SMALL, "--grad-accum", "2", "--out-dir", tmp_path / "acc") == 0
+    lb, la = losses(tmp_path / "big"), losses(tmp_path / "acc")
+    assert lb.keys() == la.keys() == {1, 2, 3}
+    for s in lb:
+        assert abs(lb[s] - la[s]) <= 1e-5 * abs(lb[s]), (s, lb[s], la[s])
+
+
+def test_tokenizer_json_and_missing_tiktoken(tmp_path, corpus, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"])
+    tok.train([corpus], trainer)
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    out = tmp_path / "run"
+    assert (
+        run_cli(
+            "train", "--data", corpus, "--tokenizer", path, "--out-dir", out, "--steps", "1", *SMALL
+        )
+        == 0
+    )
+    conf = ckpt.read_config(ckpt.list_checkpoints(str(out / "checkpoints"))[-1])
+    assert conf["model"]["vocab_size"] == tok.get_vocab_size()
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+    except Exception:  # not installed or no cached encoding: a clear one-line error
+        err = one_line_error(
+            capsys,
+            "train",
+            "--data",
+            corpus,
+            "--tokenizer",
+            "gpt2",
+            "--out-dir",
+            str(tmp_path / "t"),
+            "--steps",
+            "1",
+            *SMALL,
+        )
+        assert "tiktoken" in err

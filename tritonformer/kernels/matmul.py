@@ -63,7 +63,7 @@ class GemmConfig:
 #   shape class:   "plain" (operands straight from shared memory), "epilogue" (bias and/or
 #                  activation), "prologue" (A goes through registers: A * G, dZ, dbias).
 # Chosen by scripts/tune_matmul.py on an H200 (bf16, 16384-token GPT shapes; the numbers are
-# in tritonformer/bench/NOTES_matmul.md). "prologue" stays at 4 warps in both tables: 8-warp
+# in docs/perf/matmul.md). "prologue" stays at 4 warps in both tables: 8-warp
 # TMA configs gave wrong results when the A tile fed both the wgmma and a register reduction
 # (dbias without an activation); 4-warp ones were exact.
 # The interpreter entry uses few, large blocks: it pays per program and per op.
@@ -96,7 +96,7 @@ DZ_BLOCK = (256, 256) if INTERPRET else (32, 128)
 # reading it back in the reduction cost about REDUCE_STEPS steps, the reduce launch
 # FIXED_STEPS. REDUCE_STEPS = 16 picks the best of the splits timed on the H200 for every
 # d_model 768/1024/2048 weight-gradient shape (2 for 54 tiles, 3 for 72, 4 for 32, 7 for 18,
-# 1 for 128); see NOTES_matmul.md.
+# 1 for 128); see docs/perf/matmul.md.
 REDUCE_STEPS = 16
 FIXED_STEPS = 8
 MAX_SPLIT_K = 16
