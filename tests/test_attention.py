@@ -16,11 +16,6 @@ from helpers import (
 from tritonformer import ops, reference
 from tritonformer.runtime import DEVICE_TYPE
 
-# Triton 3.6's interpreter warns on its own loop bounds (numpy scalar conversion); not ours.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
-
 
 def torch_attention(q, k, v, causal, slopes, scale):
     """PyTorch's own attention at q's dtype: SDPA with an explicit float mask (ALiBi and the

@@ -15,12 +15,6 @@ from helpers import (
 from tritonformer import nn, ops, reference
 from tritonformer.kernels.cross_entropy import CONFIG
 
-# Triton 3.6's interpreter passes scalar kernel arguments as 1-element arrays, and numpy
-# warns when the vocabulary loop's range() converts one to an int.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
-
 REDUCTIONS = ["mean", "sum", "none"]
 # More than one vocabulary block: the kernels' loop runs (3000 under the interpreter).
 MULTI_BLOCK_V = CONFIG["block_v"] + 952

@@ -19,12 +19,6 @@ from tritonformer.kernels import layer_norm as kernels
 from tritonformer.ops.layer_norm import _rows
 from tritonformer.runtime import DEVICE_TYPE
 
-# Triton's interpreter holds scalars as 1-element arrays and warns when the backward's
-# persistent loop (range(pid, num_tiles, num_programs)) turns them into Python ints.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
-)
-
 # A row longer than both single-tile limits (forward and backward): the chunked paths. Under
 # the interpreter the limits are small, so this stays cheap.
 LONG = max(kernels.CONFIG["max_single"].values()) + 88

@@ -17,12 +17,6 @@ from helpers import (
 from tritonformer import nn, ops, reference
 from tritonformer.kernels.softmax import CONFIG
 
-# Triton 3.6's interpreter passes scalar kernel arguments as 1-element arrays, and numpy
-# warns when the chunk loop's range() converts one to an int.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
-
 # Longer than the single-block limit: the chunked two-pass path (2500 under the interpreter).
 LONG = 2 * CONFIG["max_single_n"] + 452
 

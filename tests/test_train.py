@@ -54,26 +54,9 @@ def losses(out_dir):
 
 
 def test_train_eval_checkpoint_and_resume_equals_uninterrupted(tmp_path, corpus, capsys):
-    a = tmp_path / "a"
-    assert (
-        run_cli(
-            "train",
-            "--data",
-            corpus,
-            "--out-dir",
-            a,
-            "--steps",
-            6,
-            "--eval-interval",
-            3,
-            "--ckpt-interval",
-            3,
-            "--sample-tokens",
-            8,
-            *SMALL[:-2],
-        )
-        == 0
-    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    run6 = ["train", "--data", corpus, "--steps", 6, "--eval-interval", 3, "--ckpt-interval", 3]
+    assert run_cli(*run6, "--out-dir", a, "--sample-tokens", 8, *SMALL[:-2]) == 0
     rows = read_metrics(str(a / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
@@ -83,27 +66,9 @@ def test_train_eval_checkpoint_and_resume_equals_uninterrupted(tmp_path, corpus,
     assert "--- sample ---" in capsys.readouterr().out
 
     # Interrupted after step 3: the same run resumed from its step-3 checkpoint.
-    b = tmp_path / "b"
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step-00000006")
-    assert (
-        run_cli(
-            "train",
-            "--data",
-            corpus,
-            "--out-dir",
-            b,
-            "--steps",
-            6,
-            "--eval-interval",
-            3,
-            "--ckpt-interval",
-            3,
-            "--resume",
-            *SMALL,
-        )
-        == 0
-    )
+    assert run_cli(*run6, "--out-dir", b, "--resume", *SMALL) == 0
     la, lb = losses(a), losses(b)
     if ON_GPU:  # atomics in some GPU kernels: equal up to summation order
         assert la.keys() == lb.keys()

@@ -96,37 +96,15 @@ class TransformerConfig:
 #: heads, untied input/output embeddings, 50304-token vocabulary, 2048 context) on this
 #: model's GPT-2 structure (learned positions, sequential pre-LN blocks, exact GELU); 840m is
 #: Pythia's 24 layers at width 1536 with 12 heads of 128.
+_PYTHIA = dict(vocab_size=50304, block_size=2048, n_layer=24, activation="gelu",
+               tie_embeddings=False)
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, d_model=64),
     "gpt2": dict(),
     "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024),
-    "410m": dict(
-        vocab_size=50304,
-        block_size=2048,
-        n_layer=24,
-        n_head=16,
-        d_model=1024,
-        activation="gelu",
-        tie_embeddings=False,
-    ),
-    "840m": dict(
-        vocab_size=50304,
-        block_size=2048,
-        n_layer=24,
-        n_head=12,
-        d_model=1536,
-        activation="gelu",
-        tie_embeddings=False,
-    ),
-    "1.4b": dict(
-        vocab_size=50304,
-        block_size=2048,
-        n_layer=24,
-        n_head=16,
-        d_model=2048,
-        activation="gelu",
-        tie_embeddings=False,
-    ),
+    "410m": dict(_PYTHIA, n_head=16, d_model=1024),
+    "840m": dict(_PYTHIA, n_head=12, d_model=1536),
+    "1.4b": dict(_PYTHIA, n_head=16, d_model=2048),
 }
 
 
