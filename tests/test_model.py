@@ -242,6 +242,25 @@ def test_gpt2_bf16_autocast_parity_gpu():
 
 @gpu
 @requires_gpu
+def test_gpt2_124m_hf_parity_bf16_gpu(tmp_path):
+    conf = transformers.GPT2Config()  # GPT-2 124M, random init
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(conf).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    hf = hf.cuda()
+    model = Transformer.from_pretrained(str(tmp_path / "hf")).cuda().eval()
+    idx = torch.randint(0, conf.vocab_size, (2, 512), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = model(idx)[0].float()
+        theirs = hf(idx).logits.float()
+    with torch.no_grad():
+        exact = hf(idx).logits.double()  # fp32 HF as the reference
+    err, base = rel_err(ours, exact), rel_err(theirs, exact)
+    assert err <= 2 * base + 1e-2, f"bf16 logits: ours {err:.2e}, HF's own {base:.2e}"
+
+
+@gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_training_step_gpu(name, dtype):
