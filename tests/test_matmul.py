@@ -169,7 +169,7 @@ def test_linear_frozen_costs_no_gemm(monkeypatch):
     x = randn(5, 16)  # x without grad: forward and dW GEMMs
     w.requires_grad_(True)
     ops.linear(x, w).sum().backward()
-    assert len(calls) == 2 and calls[1].get("g") is None
+    assert len(calls) == 2
     calls.clear()  # with an activation, dZ comes from the elementwise kernel: still 2 GEMMs
     ops.linear(x, w, randn(8, requires_grad=True), "gelu").sum().backward()
     assert len(calls) == 2
@@ -186,47 +186,65 @@ def test_autocast():
 
 @pytest.mark.parametrize("use_tma", [False, True])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, True), (True, False)])
-def test_gemm_kernels_prologue_epilogue_split(use_tma, ta, tb):
-    """Both kernels directly (the TMA one runs in the interpreter too): the A * G prologue
-    with its dZ and dbias side outputs, the bias + activation + act' epilogue, and forced
-    split-K with its fp32 workspace reduction."""
+def test_gemm_kernels_epilogue_split(use_tma, ta, tb):
+    """Both kernels directly (the TMA one runs in the interpreter too): the bias + activation
+    + act' epilogue, and forced split-K with its fp32 workspace reduction."""
     if use_tma and ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA kernel needs sm_90")
     m, k, n = 72, 136, 40
     h = torch.float16
     a = randn(k, m, dtype=h).t() if ta else randn(m, k, dtype=h)
-    g = randn(k, m, dtype=h).t() if ta else randn(m, k, dtype=h)
     b = randn(n, k, dtype=h).t() if tb else randn(k, n, dtype=h)
     bias = randn(n, dtype=h)
-    v5 = lambda t: t[None, None, None]
-    ag = (a.float() * g.float()).double()  # A' in fp32; the kernel rounds it to fp16 for the dot
-    z = ag.half().double() @ b.double() + bias.double()
+    z = a.double() @ b.double() + bias.double()
     zz = z.clone().requires_grad_(True)
     y = reference.gelu_tanh(zz)
     y.sum().backward()
-    r = km.gemm(v5(a), v5(b), torch.float32, g=v5(g), bias=bias, activation_name="gelu_tanh",
-                save_dact=True, dz=True, dbias_dtype=torch.float32, use_tma=use_tma)
+    r = km.gemm(a, b, torch.float32, bias=bias, activation_name="gelu_tanh", save_dact=True,
+                use_tma=use_tma)
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r.c[0, 0].double(), y.detach(), **tol)
-    torch.testing.assert_close(r.dact[0, 0].double(), zz.grad, **tol)
-    torch.testing.assert_close(r.dz, ag.half(), rtol=0, atol=0)
-    torch.testing.assert_close(r.dbias.double(), ag.sum(0), **tol)
+    torch.testing.assert_close(r.c.double(), y.detach(), **tol)
+    torch.testing.assert_close(r.dact.double(), zz.grad, **tol)
     cfg = km.GemmConfig(32, 32, 32, 1, 4, split_k=3)
     for out_dtype in (torch.float32, torch.float16):
-        r = km.gemm(v5(a), v5(b), out_dtype, g=v5(g), dz=True, dbias_dtype=out_dtype,
-                    config=cfg, use_tma=use_tma)
-        assert r.c.dtype == r.dbias.dtype == out_dtype
+        r = km.gemm(a, b, out_dtype, config=cfg, use_tma=use_tma)
+        assert r.c.dtype == out_dtype and r.dact is None
         tol = dict(rtol=2e-3, atol=2e-2) if out_dtype == torch.float16 else tol
-        torch.testing.assert_close(r.c[0, 0].double(), ag.half().double() @ b.double(), **tol)
-        torch.testing.assert_close(r.dz, ag.half(), rtol=0, atol=0)
-        torch.testing.assert_close(r.dbias.double(), ag.sum(0), **tol)
+        torch.testing.assert_close(r.c.double(), a.double() @ b.double(), **tol)
+    for split in (1, 3):  # C += A @ B into a given fp32 output, through the epilogue or reduce
+        c0 = randn(m, n)
+        cfg = km.GemmConfig(32, 32, 32, 1, 4, split_k=split)
+        r = km.gemm(a, b, torch.float32, out=c0.clone(), accumulate=True, config=cfg,
+                    use_tma=use_tma)
+        torch.testing.assert_close(r.c.double(), c0.double() + a.double() @ b.double(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n", [(1, 7), (600, 40), (300, 520)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dz_and_dbias(m, n, transposed):
+    """The linear backward's elementwise pass: dZ = dY * G and the column sums of dZ, over
+    several row ranges (whose fp32 partial sums a second launch adds) and column blocks."""
+    h = torch.float16
+    dy = randn(n, m, dtype=h).t() if transposed else randn(m, n, dtype=h)
+    g = randn(m, n, dtype=h)
+    prod = dy.double() * g.double()
+    dz, db = km.dz_and_dbias(dy, g, True, torch.float32)
+    torch.testing.assert_close(dz, prod.half(), rtol=0, atol=0)
+    assert_close(db, prod.sum(0), (dy.float() * g.float()).sum(0), "dbias")
+    dz, db = km.dz_and_dbias(dy, g, True, None)
+    assert db is None
+    torch.testing.assert_close(dz, prod.half(), rtol=0, atol=0)
+    dz, db = km.dz_and_dbias(dy, None, False, h)
+    assert dz is None and db.dtype == h
+    assert_close(db, dy.double().sum(0), dy.sum(0), "dbias without G")
 
 
 def test_linear_matmul_through_tma_kernel(monkeypatch):
     """ops.linear / ops.matmul with the TMA kernel selected, as on sm_90 (here interpreted)."""
     monkeypatch.setattr(km, "is_hopper", lambda device: True)
     assert km.tma_eligible(randn(65, 40, dtype=torch.float16), randn(40, 24, dtype=torch.float16),
-                           None, torch.float16)
+                           torch.float16)
     check_linear((65, 40), 24, torch.float16, act="gelu")
     check_matmul((3, 65, 40), (40, 24), torch.float16, tb=True)
 
@@ -324,23 +342,22 @@ def test_layouts_gpu(dtype):
 def test_both_kernels_gpu(dtype):
     a, b = randn(4096, 2048, dtype=dtype), randn(1024, 2048, dtype=dtype).t()
     hopper = torch.cuda.get_device_capability()[0] == 9
-    tma = km.tma_eligible(a, b, None, dtype)  # fp32 takes TMA only with TF32 allowed
+    tma = km.tma_eligible(a, b, dtype)  # fp32 takes TMA only with TF32 allowed
     assert tma == (hopper and (dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32))
-    v5 = lambda t: t[None, None, None]
     ref = a.double() @ b.double()
     base = a @ b
     for use_tma in [False] + [True] * tma:
         for act, bias in [(None, None), ("gelu_tanh", randn(1024, dtype=dtype))]:
-            c, d, _, _ = km.gemm(v5(a), v5(b), dtype, bias=bias, activation_name=act,
-                                 save_dact=act is not None, use_tma=use_tma)
+            c, d = km.gemm(a, b, dtype, bias=bias, activation_name=act,
+                           save_dact=act is not None, use_tma=use_tma)
             if act is None:
-                assert_close(c[0, 0], ref, base, f"gemm tma={use_tma}")
+                assert_close(c, ref, base, f"gemm tma={use_tma}")
             else:
                 z = ref + bias.double()
-                assert_close(c[0, 0], reference.gelu_tanh(z), reference.gelu_tanh(base + bias),
+                assert_close(c, reference.gelu_tanh(z), reference.gelu_tanh(base + bias),
                              f"gemm+gelu tma={use_tma}")
                 zb = base + bias
-                assert_close(d[0, 0], torch.autograd.functional.vjp(
+                assert_close(d, torch.autograd.functional.vjp(
                     reference.gelu_tanh, z, torch.ones_like(z))[1],
                     torch.autograd.functional.vjp(reference.gelu_tanh, zb, torch.ones_like(zb))[1],
                     f"gemm act' tma={use_tma}")

@@ -4,11 +4,12 @@ bias + activation epilogue; autograd Functions with Triton backwards.
 Every product is one launch of ``kernels.matmul.gemm``. Batch dims are handled without
 copies where the strides allow: a (..., M, K) @ (K, N) product runs as one 2-D GEMM over the
 flattened rows, other batches as strided batched GEMMs, and gradients of broadcast batch
-dims are summed inside the kernel in fp32. The linear backward fuses the activation's
-derivative into the prologue of the input-gradient GEMM (dZ = dY * act'(Z), with act'(Z)
-saved by the forward's epilogue), which also writes dZ for the weight-gradient GEMM and
-sums dbias; each gradient is written in its input's own dtype from the fp32 accumulator
-(fp32 master weights get fp32 gradients with no 16-bit round trip).
+dims are summed inside the kernel in fp32. The linear forward's epilogue adds the bias,
+applies the activation and, when a gradient will be needed, stores act'(Z); the backward
+runs one elementwise pass (dZ = dY * act'(Z), with dbias summed on the way; only dbias
+without an activation) and then two plain GEMMs, dX = dZ W and dW = dZ^T X. Each gradient
+is written in its input's own dtype from the fp32 accumulator (fp32 master weights get fp32
+gradients with no 16-bit round trip).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
-from ..kernels.matmul import GemmResult, dz_and_dbias, gemm
+from ..kernels.matmul import dz_and_dbias, gemm
 from ..reference import ACTIVATIONS
 from ..runtime import (
     DEVICE_TYPE,
@@ -26,18 +27,6 @@ from ..runtime import (
     check_same_dtype,
     check_tensor,
 )
-
-
-def _v5(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D operand as the kernel's (O0, O1, R, rows, cols) with unit batch dims."""
-    return t[None, None, None]
-
-
-def _gemm2d(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
-            g: torch.Tensor | None = None, **kw) -> GemmResult:
-    """The 2-D product (a * g) @ b through ``kernels.matmul.gemm``, C and D as (M, N)."""
-    r = gemm(_v5(a), _v5(b), out_dtype, g=None if g is None else _v5(g), **kw)
-    return r._replace(c=r.c[0, 0], dact=None if r.dact is None else r.dact[0, 0])
 
 
 def _collapse(dims: list[tuple[int, tuple[int, ...]]]) -> list[tuple[int, tuple[int, ...]]]:
@@ -91,9 +80,9 @@ def _batched_gemm(
     r = r or [(1, (0, 0))]
     size5 = [o[0][0], o[1][0], r[0][0]]
     x5 = x.as_strided([*size5, m, k], [o[0][1][0], o[1][1][0], r[0][1][0], x.stride(-2),
-                                       x.stride(-1)], x.storage_offset())
+                                       x.stride(-1)])
     y5 = y.as_strided([*size5, k, n], [o[0][1][1], o[1][1][1], r[0][1][1], y.stride(-2),
-                                       y.stride(-1)], y.storage_offset())
+                                       y.stride(-1)])
     return gemm(x5, y5, out_dtype).c.view(*kept_sizes, m, n)
 
 
@@ -140,7 +129,7 @@ class MatmulFunction(torch.autograd.Function):
         if ctx.flat:  # (..., M, K) @ (K, N): one 2-D GEMM over all rows
             b2 = bc.view(k, n)
             ctx.save_for_backward(a2 if need_b else None, b2 if need_a else None)
-            return _gemm2d(a2, b2, dt).c.view(*batch, m, n)
+            return gemm(a2, b2, dt).c.view(*batch, m, n)
         x = ac.expand(*batch, m, k)
         y = bc.expand(*batch, k, n)
         ctx.save_for_backward(x if need_b else None, y if need_a else None)
@@ -157,9 +146,9 @@ class MatmulFunction(torch.autograd.Function):
         if ctx.flat:
             dc2 = dc.reshape(-1, dc.shape[-1])
             if need_a:  # dA = dC B^T
-                da = _gemm2d(dc2, y.t(), a_dtype).c.view(a_shape)
+                da = gemm(dc2, y.t(), a_dtype).c.view(a_shape)
             if need_b:  # dB = A^T dC, reduced over all rows in fp32
-                db = _gemm2d(x.t(), dc2, b_dtype).c.view(b_shape)
+                db = gemm(x.t(), dc2, b_dtype).c.view(b_shape)
             return da, db
         nb = len(batch)
 
@@ -213,8 +202,8 @@ class LinearFunction(torch.autograd.Function):
         dt = _compute_dtype(x)
         xc, wc, bc = x.to(dt), weight.to(dt), _cast(bias, dt)
         x2 = xc.reshape(-1, x.shape[-1])
-        y2, dact, _, _ = _gemm2d(x2, wc.t(), dt, bias=bc, activation_name=activation,
-                                 save_dact=keep_dact and activation is not None)
+        y2, dact = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
+                        save_dact=keep_dact and activation is not None)
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, dact)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -228,16 +217,16 @@ class LinearFunction(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dz = db = dw = None
-        want_dz = need_w and dact is not None  # dW needs dZ = dY * act'(Z) materialised
-        b_dt = b_dtype if need_b else None
-        if need_x:  # dX = (dY * act'(Z)) W; dZ and dbias come out of its prologue
-            dx, _, dz, db = _gemm2d(dy2, wc, x_dtype, g=dact, dz=want_dz, dbias_dtype=b_dt)
-            dx = dx.view(ctx.x_shape)
-        elif want_dz or need_b:  # no dX GEMM to produce them
-            dz, db = dz_and_dbias(dy2, dact, want_dz, b_dt)
+        dx = dw = db = None
+        want_dz = dact is not None and (need_x or need_w)
+        dz = dy2
+        if want_dz or need_b:  # dZ = dY * act'(Z) and dbias, in one pass over dY
+            dz, db = dz_and_dbias(dy2, dact, want_dz, b_dtype if need_b else None)
+            dz = dy2 if dz is None else dz
+        if need_x:  # dX = dZ W
+            dx = gemm(dz, wc, x_dtype).c.view(ctx.x_shape)
         if need_w:  # dW = dZ^T X, reduced over every row in fp32
-            dw = _gemm2d((dy2 if dz is None else dz).t(), x2, w_dtype).c
+            dw = gemm(dz.t(), x2, w_dtype).c
         return dx, dw, db, None, None
 
 
