@@ -12,7 +12,7 @@ from helpers import (
     requires_gpu,
     requires_grad_copy,
 )
-from tritonformer import nn, ops, reference
+from tritonformer import nn, ops, reference, runtime
 from tritonformer.kernels.cross_entropy import CONFIG
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -210,6 +210,25 @@ def test_cross_entropy_target_out_of_range():
     assert torch.isfinite(ops.cross_entropy(logits, target, ignore_index=-1))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_bad_target_is_nan_without_value_checks(reduction):
+    # No host check (no sync): the kernels flag the row with a NaN loss and NaN gradient.
+    logits = randn(7, 10, requires_grad=True)
+    target = make_target((7,), 10)
+    for bad in (10, -1, 12345):
+        target[3] = bad
+        with runtime.no_value_checks():
+            loss = ops.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+        loss.backward(torch.ones_like(loss))
+        others = torch.arange(7) != 3
+        if reduction == "none":
+            assert loss[3].isnan() and torch.isfinite(loss[others]).all()
+        else:
+            assert loss.isnan()
+        assert logits.grad[3].isnan().all() and torch.isfinite(logits.grad[others]).all()
+        logits.grad = None
+
+
 def test_cross_entropy_bad_input():
     logits, target = randn(7, 10), make_target((7,), 10)
     with pytest.raises(ValueError, match="logits must have at least 1"):
@@ -218,9 +237,9 @@ def test_cross_entropy_bad_input():
         ops.cross_entropy([[1.0]], target)
     with pytest.raises(TypeError, match="logits must have dtype"):
         ops.cross_entropy(torch.ones(7, 10, dtype=torch.int64, device=DEVICE), target)
-    with pytest.raises(ValueError, match="target must have logits' shape"):
+    with pytest.raises(ValueError, match="target must have the shape of logits"):
         ops.cross_entropy(logits, target[:6])
-    with pytest.raises(ValueError, match="target must have logits' shape"):
+    with pytest.raises(ValueError, match="target must have the shape of logits"):
         ops.cross_entropy(logits, target[:, None])
     with pytest.raises(TypeError, match="target must hold class indices"):
         ops.cross_entropy(logits, target.float())

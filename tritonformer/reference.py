@@ -153,6 +153,7 @@ def linear_cross_entropy(
     target: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """cross_entropy(h @ weight.T, target): the LM head and its loss, h (..., d), weight (V, d)."""
-    return cross_entropy(F.linear(h, weight), target, ignore_index, reduction)
+    return cross_entropy(F.linear(h, weight), target, ignore_index, reduction, label_smoothing)

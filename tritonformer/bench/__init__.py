@@ -11,4 +11,5 @@ KERNEL_BENCHMARKS = {
     "layer_norm": "tritonformer.bench.layer_norm",
     "softmax": "tritonformer.bench.softmax",
     "cross_entropy": "tritonformer.bench.cross_entropy",
+    "linear_cross_entropy": "tritonformer.bench.linear_cross_entropy",
 }

@@ -10,8 +10,11 @@ recomputes softmax = exp(logits - lse) and writes
     dlogits = (softmax - (1 - eps) * onehot(target) - eps / V) * g
 
 in the logits' dtype, where g is the row's loss gradient already scaled by the reduction; it
-needs no buffer besides dlogits itself. Rows whose target is ``ignore_index`` read nothing
-and get loss 0 and gradient 0. Row offsets are int64, so N * V may exceed 2**31.
+needs no buffer besides dlogits itself, and may write it over the logits (in place). Rows
+whose target is ``ignore_index`` read nothing and get loss 0 and gradient 0. A row whose target
+is neither ``ignore_index`` nor in [0, V) gets a NaN loss and a NaN gradient row (never a
+silent answer when the host-side value check is off) and never reads outside its row. Row
+offsets are int64, so N * V may exceed 2**31.
 
 Loss of row i (torch's definition, eps = label_smoothing, x = logits[i], t = target[i]):
     (1 - eps) * (lse - x[t]) + eps * (lse - sum(x) / V) = lse - (1 - eps) x[t] - eps sum(x) / V
@@ -56,8 +59,10 @@ def cross_entropy_fwd_kernel(
     row_mask = rows < n_rows
     target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     active = row_mask & (target != ignore_index)
+    bad = active & ((target < 0) | (target >= n_cols))  # flagged with a NaN loss
+    valid = active & ~bad
     row_start = logits_ptr + rows.to(tl.int64) * row_stride
-    x_target = tl.load(row_start + tl.where(active, target, 0), mask=active, other=0.0)
+    x_target = tl.load(row_start + tl.where(valid, target, 0), mask=valid, other=0.0)
     x_rows = row_start[:, None]
     cols = tl.arange(0, BLOCK_V)[None, :]
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -81,7 +86,8 @@ def cross_entropy_fwd_kernel(
             label_smoothing / n_cols
         ) * x_sum
     tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_mask)
+    loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
 
 
 @triton.jit
@@ -90,7 +96,8 @@ def cross_entropy_bwd_kernel(
     target_ptr,  # class index per row, [n_rows], int64 or int32
     lse_ptr,  # logsumexp per row from the forward, [n_rows], fp32
     grad_ptr,  # loss gradient already scaled by the reduction: [n_rows] or one value, fp32
-    dlogits_ptr,  # output: gradient of the logits, [n_rows, n_cols], unit column stride
+    dlogits_ptr,  # output: gradient of the logits, [n_rows, n_cols], unit column stride;
+                  # may be logits_ptr itself (each element is read before it is written)
     n_rows,  # number of rows N
     n_cols,  # vocabulary size V
     row_stride,  # elements between rows of logits
@@ -107,6 +114,7 @@ def cross_entropy_bwd_kernel(
     row_mask = rows < n_rows
     target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     active = row_mask & (target != ignore_index)
+    bad = active & ((target < 0) | (target >= n_cols))  # flagged with a NaN gradient row
     # Ignored rows get g = 0 and read no logits: their gradient is exactly 0.
     g = tl.load(grad_ptr + rows.to(tl.int64) * grad_stride, mask=active, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
@@ -121,6 +129,7 @@ def cross_entropy_bwd_kernel(
         if SMOOTH:
             d -= label_smoothing / n_cols
         d = tl.where(start + cols == target[:, None], d - on_target, d) * g[:, None]
+        d = tl.where(bad[:, None], float("nan"), d)
         tl.store(d_rows + start + cols, d.to(dlogits_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & in_row)
 
@@ -136,7 +145,8 @@ def cross_entropy_fwd(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (lse, loss), both fp32 [N], for logits [N, V] (unit column stride, any row
-    stride) and target [N] (contiguous int64/int32, each in [0, V) or ``ignore_index``)."""
+    stride) and target [N] (contiguous int64/int32, each in [0, V) or ``ignore_index``;
+    another value gives its row a NaN loss)."""
     n_rows, n_cols = logits.shape
     lse = empty((n_rows,), torch.float32, logits.device)
     loss = empty((n_rows,), torch.float32, logits.device)
@@ -156,14 +166,17 @@ def cross_entropy_bwd(
     grad: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dlogits, contiguous [N, V] in logits' dtype, from the forward's inputs and ``lse``.
+    """dlogits [N, V] in logits' dtype, from the forward's inputs and ``lse``.
 
     ``grad``: fp32, either [N] (one loss gradient per row) or 0-d (the same gradient for
-    every row), already scaled by the reduction (1/count for mean).
+    every row), already scaled by the reduction (1/count for mean). ``out``: where to write
+    dlogits, [N, V] with unit column stride, logits' dtype; may be ``logits`` itself (in
+    place). Default: a new contiguous tensor. Returns ``out``.
     """
     n_rows, n_cols = logits.shape
-    dlogits = empty((n_rows, n_cols), logits.dtype, logits.device)
+    dlogits = empty((n_rows, n_cols), logits.dtype, logits.device) if out is None else out
     block_m, block_v, grid = _launch_params(n_rows, n_cols)
     cross_entropy_bwd_kernel[(grid,)](
         logits, target, lse, grad, dlogits, n_rows, n_cols, logits.stride(0),

@@ -9,6 +9,7 @@ from .attention import alibi_slopes, attention
 from .cross_entropy import cross_entropy
 from .dropout import dropout
 from .layer_norm import add_layer_norm, layer_norm
+from .linear_cross_entropy import linear_cross_entropy
 from .matmul import linear, matmul
 from .softmax import softmax
 
@@ -16,5 +17,5 @@ __all__ = [
     "alibi_slopes", "attention",
     "activation", "add_layer_norm", "cross_entropy", "dropout", "gelu", "layer_norm", "relu",
     "softmax",
-    "linear", "matmul",
+    "linear", "linear_cross_entropy", "matmul",
 ]

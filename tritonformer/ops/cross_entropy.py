@@ -8,7 +8,13 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
-from ..runtime import DEVICE_TYPE, check_choice, check_same_device, check_tensor
+from ..runtime import (
+    DEVICE_TYPE,
+    check_choice,
+    check_same_device,
+    check_tensor,
+    value_checks_enabled,
+)
 from .softmax import as_rows
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -76,8 +82,10 @@ def cross_entropy(
             one stride and the last is unit-stride; otherwise one copy, in the forward and
             again in the backward). Any V works (the kernels loop over vocabulary blocks).
         target: (...), logits' shape without its last dimension, int64 or int32: a class in
-            [0, V) or ``ignore_index``. Checked on the host: one reduction over target and a
-            device-to-host sync per call; an out-of-range value raises ValueError.
+            [0, V) or ``ignore_index``. While ``runtime.value_checks_enabled()``, checked on
+            the host (one reduction over target and a device-to-host sync per call): an
+            out-of-range value raises ValueError. Without the check, such a row's loss (so
+            the mean or sum) and its gradient row come out NaN.
         ignore_index: target value whose rows contribute neither loss nor gradient.
         reduction: "mean" (over non-ignored rows; NaN if all are ignored, like torch), "sum"
             or "none".
@@ -90,6 +98,26 @@ def cross_entropy(
         logits are never cast in memory). The gradient comes back in logits' dtype.
     """
     check_tensor(logits, "logits", min_ndim=1)
+    check_loss_args(target, "logits", logits, logits.shape[-1], ignore_index, reduction,
+                    label_smoothing)
+    return CrossEntropyFunction.apply(
+        logits, target, int(ignore_index), reduction, float(label_smoothing)
+    )
+
+
+def check_loss_args(
+    target: object,
+    rows_name: str,
+    rows: torch.Tensor,
+    n_classes: int,
+    ignore_index: object,
+    reduction: object,
+    label_smoothing: object,
+) -> None:
+    """The checks of a class-index loss's arguments (shared by ``cross_entropy`` and
+    ``linear_cross_entropy``): ``target`` against ``rows`` (the already checked tensor named
+    ``rows_name`` whose leading dimensions target must have), then the options, then, while
+    ``runtime.value_checks_enabled()``, the target values against [0, n_classes)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point():
@@ -98,11 +126,11 @@ def cross_entropy(
             "class-probability targets are not supported"
         )
     check_tensor(target, "target", dtypes=(torch.int64, torch.int32), allow_empty=True)
-    check_same_device(logits=logits, target=target)
-    if target.shape != logits.shape[:-1]:
+    check_same_device(**{rows_name: rows, "target": target})
+    if target.shape != rows.shape[:-1]:
         raise ValueError(
-            f"target must have logits' shape without the class dimension, "
-            f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}"
+            f"target must have the shape of {rows_name} without its last dimension, "
+            f"{tuple(rows.shape[:-1])}, got {tuple(target.shape)}"
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -113,13 +141,11 @@ def cross_entropy(
         )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    v = logits.shape[-1]
-    bad = ((target < 0) | (target >= v)) & (target != ignore_index)
+    if not value_checks_enabled():
+        return  # the kernels flag a bad target with a NaN loss
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bad.any():  # one device-to-host sync
         raise ValueError(
-            f"target values must be in [0, {v}) (the number of classes) or equal "
+            f"target values must be in [0, {n_classes}) (the number of classes) or equal "
             f"ignore_index={ignore_index}; found {int(target[bad].reshape(-1)[0])}"
         )
-    return CrossEntropyFunction.apply(
-        logits, target, int(ignore_index), reduction, float(label_smoothing)
-    )
