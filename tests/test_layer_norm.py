@@ -376,6 +376,24 @@ def test_add_layer_norm_gpu_autocast():
     check_add_layer_norm((8192, 2048), torch.bfloat16, torch.float32, autocast=torch.bfloat16)
 
 
+def _misaligned(m: int, n: int):
+    """A view of m rows of n elements starting one element into its storage: its data pointer
+    is not 16-byte aligned."""
+    return lambda t: t.reshape(-1)[1 : 1 + m * n].view(m, n)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_layer_norm_gpu_launch_cache_follows_specialization(dtype):
+    # runtime.launch reuses one compiled kernel per specialisation: an input that is not
+    # 16-byte aligned, between aligned ones of the same shape, must get its own binary.
+    check_layer_norm((64, 1024), dtype)
+    check_layer_norm((65, 1024), dtype, view=_misaligned(64, 1024))
+    check_layer_norm((64, 1024), dtype)
+    check_add_layer_norm((64, 1024), dtype, dtype)
+
+
 def _compiled_kernels() -> list:
     """Every compiled binary of the LayerNorm kernels (Triton 3.6's per-device caches)."""
     jitted = [kernels.layer_norm_fwd_kernel, kernels.layer_norm_bwd_kernel,

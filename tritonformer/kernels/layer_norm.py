@@ -6,7 +6,7 @@ approximate, and even x / 1 can move by an ulp.
 Rows are the flattened leading dimensions: the input is an [M, N] view with a row stride and a
 unit column stride. Everything is computed in fp32 whatever the storage dtypes.
 
-Forward (``layer_norm_fwd_kernel``), one tile of BLOCK_M rows per program::
+Forward (``layer_norm_fwd_kernel``), one tile of BLOCK_M rows at a time::
 
     s    = x (+ residual, rounded to s's dtype and stored: the new residual stream)
     mean = sum(s) / N,   rstd = 1 / sqrt(sum((s - mean)^2) / N + eps)      (fp32, saved)
@@ -17,10 +17,12 @@ Backward (``layer_norm_bwd_kernel``), with xhat = (s - mean) * rstd and g = dy *
     ds    = rstd * (g - mean(g * xhat) * xhat - mean(g))  (+ the gradient of the s output)
     dw    = sum over rows of dy * xhat,   db = sum over rows of dy
 
-The backward runs on a persistent grid of a few programs per SM; each loops over row tiles and
-keeps its share of dw/db in fp32 registers, then writes one row of fp32 partial sums;
-``layer_norm_reduce_kernel`` adds the partials up. The number of partial rows is the grid
-size, a runtime value: no compiled kernel depends on the row count M.
+Both kernels loop over row tiles (program p takes tiles p, p + P, ...), software-pipelined
+(``tl.range(num_stages=...)``: the next tiles' loads are in flight while one is reduced). The
+forward may run one tile per program instead (P = the number of tiles). The backward runs a
+few programs per SM; each keeps its share of dw/db in fp32 registers, then writes one row of
+fp32 partial sums; ``layer_norm_reduce_kernel`` adds the partials up. The number of partial
+rows is the grid size, a runtime value: no compiled kernel depends on the row count M.
 
 Rows up to a size limit are held whole in registers (a "single" tile); longer rows are walked
 in chunks: the forward merges per-chunk (mean, M2) statistics (Chan et al.) and walks the row
@@ -30,75 +32,76 @@ chunk's dw/db into the program's partial row in memory.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, device_index, empty, num_sms
+from ..runtime import INTERPRET, empty, launch, num_sms
 
 # ---------------------------------------------------------------------------------------------
-# Tuning table: every block and warp choice of this file.
+# Tuning table: every block, warp and pipelining choice of this file.
 #
 # A tile is BLOCK_M rows x BLOCK_N columns; BLOCK_N is the row length padded to a power of two
 # (at least 16), or the chunk width for rows longer than the single-tile limit. Short rows are
-# stacked into taller tiles.
-# - Forward (one tile per program, grid = row tiles): 8 elements per thread (one 16-byte
-#   vector of bf16/fp16, two of fp32), up to 32 warps; longer rows hold more per thread.
-# - Backward (persistent: "programs per SM" programs per SM loop over the row tiles): a thread
-#   holds x, dy, weight and the two fp32 dw/db accumulators of its elements, so tiles give it
-#   4 elements (16-byte fp32 vectors, 8-byte bf16/fp16 ones) up to 4096 and 8 at 8192, and
-#   registers are capped at "bwd_maxnreg" = 64: exactly 32 warps per SM (8 warps x 4
-#   programs for short rows, 16 x 2, or 32 x 1) whatever the dtypes, and few partial rows
-#   (264 or 132 on an H100 from 1024 up). Compiled for sm_90a (ptxas -v), bf16/fp16/fp32 with
-#   and without residual, single and chunked, fit 64 registers with no spill; the one
-#   exception seen is N = 8192 with a residual of another dtype and y in bf16 (20 bytes).
-#   Taller tiles of short rows, or 16 elements per thread, spill: rows longer than 8192 go
-#   chunked.
+# stacked into taller tiles. Each entry is (BLOCK_M, warps, programs per SM, stages):
+# - "programs per SM" makes the grid persistent (at most that many programs per SM, each
+#   looping over tiles); None gives one tile per program (forward only). A persistent
+#   kernel's registers are capped so that its programs fit one SM together (65536 registers
+#   per SM / threads), which is what keeps the backward's fp32 dw/db accumulators from
+#   lowering the occupancy the grid was sized for.
+# - "stages" is the software-pipelining depth of the loop over tiles (1: none): the loads
+#   of the next tiles go to shared memory while the current one is reduced.
 # - The partial-sum reduction uses tiles of "reduce_tile" elements, its column block sized so
 #   that about one program per SM runs.
+# Entries from 1024 to 16384 (and the backward's at 512) come from sweeps on an H200 (bf16,
+# 16384 rows, 2026-11-26; see docs/perf/layer_norm_softmax.md): the forward wants ~32
+# elements per thread (several 16-byte loads in flight each), 8 persistent programs per SM at
+# 1024 and 2048; the backward 3-stage pipelining (most configs 1.2-2.6x slower without) and
+# 4 to 16 elements per thread. The other entries are untuned.
 # Under the interpreter, which pays per program and per op rather than per element, tiles are
 # large and the single-tile limits small (so the chunked paths are cheap to test).
 # ---------------------------------------------------------------------------------------------
 # fmt: off
 _CONFIGS = {
     "gpu": {
-        #          BLOCK_N: ((fwd BLOCK_M, warps), (bwd BLOCK_M, warps, programs per SM))
-        "table": {16:      ((64, 4),  (64, 8, 4)),
-                  32:      ((32, 4),  (32, 8, 4)),
-                  64:      ((16, 4),  (16, 8, 4)),
-                  128:     ((8,  4),  (8,  8, 4)),
-                  256:     ((4,  4),  (4,  8, 4)),
-                  512:     ((2,  4),  (2,  8, 4)),
-                  1024:    ((1,  4),  (2, 16, 2)),
-                  2048:    ((1,  8),  (1,   16, 2)),
-                  4096:    ((1, 16),  (1,   32, 1)),
-                  8192:    ((1, 32),  (1,   32, 1)),
-                  16384:   ((1, 32),  None)},
-        # rows longer than max_single: BLOCK_N = the chunk width, BLOCK_M rows (the backward's
-        # read-modify-write of its partial row is shared by BLOCK_M rows)
-        "chunked": {"fwd": (1, 4096, 16), "bwd": (2, 2048, 16, 2)},
+        #          BLOCK_N: (forward entry,        backward entry)
+        "table": {16:      ((64, 4, None, 1),  (64, 8, 4, 1)),
+                  32:      ((32, 4, None, 1),  (32, 8, 4, 1)),
+                  64:      ((16, 4, None, 1),  (16, 8, 4, 1)),
+                  128:     ((8,  4, None, 1),  (8,  8, 4, 1)),
+                  256:     ((4,  4, None, 1),  (4,  8, 4, 3)),
+                  512:     ((2,  4, None, 1),  (2,  8, 4, 3)),
+                  1024:    ((4,  4, 8,    1),  (1,  4, 8, 3)),
+                  2048:    ((2,  4, 8,    1),  (1,  8, 4, 3)),
+                  4096:    ((1,  4, None, 1),  (1,  8, 2, 3)),
+                  8192:    ((1,  8, None, 1),  (1, 16, 1, 3)),
+                  16384:   ((1, 16, None, 1),  None)},
+        # rows longer than max_single: (BLOCK_M, chunk width, warps, programs per SM); the
+        # backward's read-modify-write of its partial row is shared by BLOCK_M rows
+        "chunked": {"fwd": (1, 4096, 16, None), "bwd": (2, 2048, 16, 2)},
         "max_single": {"fwd": 16384, "bwd": 8192},
-        "bwd_maxnreg": 64,
         "reduce_tile": 2048, "reduce_warps": 4,
     },
     "interpret": {
-        "table": {16:  ((256, 1), (32, 1, 3)),
-                  32:  ((256, 1), (32, 1, 3)),
-                  64:  ((128, 1), (32, 1, 3)),
-                  128: ((64,  1), (32, 1, 3)),
-                  256: ((32,  1), (32, 1, 3)),   # three programs: num_sms is 1 here
-                  512: ((16,  1), (16, 1, 3))},
-        "chunked": {"fwd": (4, 512, 1), "bwd": (4, 512, 1, 3)},
+        "table": {16:  ((256, 1, None, 1), (32, 1, 3, 1)),
+                  32:  ((256, 1, None, 1), (32, 1, 3, 1)),
+                  64:  ((128, 1, None, 1), (32, 1, 3, 1)),
+                  128: ((64,  1, None, 1), (32, 1, 3, 1)),
+                  256: ((32,  1, None, 1), (32, 1, 3, 1)),  # three programs: num_sms is 1
+                  512: ((16,  1, None, 1), (16, 1, 3, 1))},
+        "chunked": {"fwd": (4, 512, 1, None), "bwd": (4, 512, 1, 3)},
         "max_single": {"fwd": 512, "bwd": 512},
-        "bwd_maxnreg": None,
         "reduce_tile": 1 << 16, "reduce_warps": 1,
     },
 }
 # fmt: on
 CONFIG = _CONFIGS["interpret" if INTERPRET else "gpu"]
 MIN_BLOCK_N = 16
+REGISTERS_PER_SM = 65536  # every NVIDIA GPU from sm_70 to sm_90
+MAX_REGISTERS = 255  # per thread
 
 
 class Tile(NamedTuple):
@@ -106,18 +109,56 @@ class Tile(NamedTuple):
     block_n: int
     num_warps: int
     single: bool  # the tile holds whole rows
-    programs_per_sm: int  # backward only (1 for the forward)
+    programs_per_sm: int | None  # None: one tile per program
+    num_stages: int  # pipelining depth of the loop over tiles
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def tile_config(n: int, backward: bool) -> Tile:
     """The tile for rows of length ``n``, forward or backward, from the table above."""
     d = "bwd" if backward else "fwd"
     if n <= CONFIG["max_single"][d]:
-        block_n = max(MIN_BLOCK_N, triton.next_power_of_2(n))
-        entry = CONFIG["table"][block_n][int(backward)]
-        return Tile(entry[0], block_n, entry[1], True, entry[2] if backward else 1)
-    entry = CONFIG["chunked"][d]
-    return Tile(entry[0], entry[1], entry[2], False, entry[3] if backward else 1)
+        block_n = max(MIN_BLOCK_N, _next_power_of_2(n))
+        block_m, warps, per_sm, stages = CONFIG["table"][block_n][int(backward)]
+        return Tile(block_m, block_n, warps, True, per_sm, stages)
+    block_m, block_n, warps, per_sm = CONFIG["chunked"][d]
+    return Tile(block_m, block_n, warps, False, per_sm, 1)
+
+
+class Plan(NamedTuple):
+    """Everything a launch needs but the row count (cached per row length and device)."""
+
+    tile: Tile
+    max_programs: int  # grid = min(row tiles, max_programs)
+    maxnreg: int | None  # register cap per thread (persistent grids), None: the compiler's
+    reduce_grid: int  # the partials reduction (backward): programs,
+    reduce_block_n: int  # columns per program,
+    reduce_block_p: int  # and partial rows per step
+
+
+@functools.cache
+def _plan(n: int, backward: bool, device: int | None) -> Plan:
+    """The plan for rows of length ``n`` on CUDA device ``device`` (None under the
+    interpreter)."""
+    t = tile_config(n, backward)
+    sms = num_sms(device or 0)
+    if t.programs_per_sm is None:
+        max_programs, maxnreg = 1 << 31, None
+    else:
+        max_programs = sms * t.programs_per_sm
+        per_thread = REGISTERS_PER_SM // (t.programs_per_sm * t.num_warps * 32) // 8 * 8
+        maxnreg = per_thread if per_thread < MAX_REGISTERS and not INTERPRET else None
+    # About one reduction program per SM: columns split across programs, partial rows looped.
+    block_n = min(max(_next_power_of_2(_cdiv(n, sms)), 4), CONFIG["reduce_tile"])
+    return Plan(t, max_programs, maxnreg, _cdiv(n, block_n), block_n,
+                max(1, CONFIG["reduce_tile"] // block_n))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,50 +271,54 @@ def layer_norm_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SINGLE: tl.constexpr,  # True: BLOCK_N >= N, the tile holds whole rows
-    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile: the padded row, or the chunk width
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop over tiles
 ):
-    """LayerNorm (after the residual add when HAS_RESIDUAL) of BLOCK_M rows per program."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
+    """LayerNorm (after the residual add when HAS_RESIDUAL) of BLOCK_M-row tiles; program p
+    takes tiles p, p + P, p + 2P, ... (P programs; P = the number of tiles gives one each)."""
+    num_tiles = tl.cdiv(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    if SINGLE:
-        mask = row_mask[:, None] & (cols < N)[None, :]
-        x = _load_input(x_ptr, r_ptr, s_ptr, rows, cols, mask, stride_xm, stride_rm, N,
-                        HAS_RESIDUAL, True)
-        mean = tl.div_rn(tl.sum(x, axis=1), N * 1.0)
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.div_rn(tl.sum(xc * xc, axis=1), N * 1.0) + eps)
-        _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, cols, mask, N,
-                         HAS_WEIGHT, HAS_BIAS)
-    else:
-        # Pass 1: merge each chunk's (count, mean, M2) into the running ones (Chan et al.);
-        # all chunks before `start` are full, so the running count is `start`.
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_mask[:, None] & (c < N)[None, :]
-            x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=NUM_STAGES):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < M
+        if SINGLE:
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            x = _load_input(x_ptr, r_ptr, s_ptr, rows, cols, mask, stride_xm, stride_rm, N,
                             HAS_RESIDUAL, True)
-            n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-            n_a = start * 1.0  # as fp32
-            mean_b = tl.div_rn(tl.sum(x, axis=1), n_b)
-            xc = tl.where(mask, x - mean_b[:, None], 0.0)
-            delta = mean_b - mean
-            mean += delta * (n_b / (n_a + n_b))
-            m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
-        rstd = tl.rsqrt(tl.div_rn(m2, N * 1.0) + eps)
-        # Pass 2: normalise (the residual sum is recomputed, not re-read from s).
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_mask[:, None] & (c < N)[None, :]
-            x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
-                            HAS_RESIDUAL, False)
-            _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, c, mask, N,
+            mean = tl.div_rn(tl.sum(x, axis=1), N * 1.0)
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = tl.rsqrt(tl.div_rn(tl.sum(xc * xc, axis=1), N * 1.0) + eps)
+            _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, cols, mask, N,
                              HAS_WEIGHT, HAS_BIAS)
-    tl.store(mean_ptr + rows, mean, mask=row_mask)
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        else:
+            # Pass 1: merge each chunk's (count, mean, M2) into the running ones (Chan et
+            # al.); all chunks before `start` are full, so the running count is `start`.
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_mask[:, None] & (c < N)[None, :]
+                x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
+                                HAS_RESIDUAL, True)
+                n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                n_a = start * 1.0  # as fp32
+                mean_b = tl.div_rn(tl.sum(x, axis=1), n_b)
+                xc = tl.where(mask, x - mean_b[:, None], 0.0)
+                delta = mean_b - mean
+                mean += delta * (n_b / (n_a + n_b))
+                m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+            rstd = tl.rsqrt(tl.div_rn(m2, N * 1.0) + eps)
+            # Pass 2: normalise (the residual sum is recomputed, not re-read from s).
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_mask[:, None] & (c < N)[None, :]
+                x = _load_input(x_ptr, r_ptr, s_ptr, rows, c, mask, stride_xm, stride_rm, N,
+                                HAS_RESIDUAL, False)
+                _normalize_store(x, mean, rstd, w_ptr, b_ptr, y_ptr, rows, c, mask, N,
+                                 HAS_WEIGHT, HAS_BIAS)
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -286,8 +331,8 @@ def layer_norm_bwd_kernel(
     rstd_ptr,  # [M] fp32 saved by the forward
     dx_ptr,  # output: input gradient, contiguous [M, N], in its dtype (when COMPUTE_DX)
     dr_ptr,  # output: the same gradient in a second dtype, contiguous [M, N] (when STORE_DR)
-    dw_part_ptr,  # output [num_programs, N] fp32: each program's share of dw (COMPUTE_DW)
-    db_part_ptr,  # output [num_programs, N] fp32: each program's share of db (COMPUTE_DB)
+    part_ptr,  # output fp32 partial sums, contiguous: [P, N] of dw (when COMPUTE_DW), then
+    #            [P, N] of db (when COMPUTE_DB); row p is program p's share (P programs)
     M,  # number of rows (not specialised on)
     N,  # row length
     stride_xm,  # row strides, in elements
@@ -302,18 +347,24 @@ def layer_norm_bwd_kernel(
     SINGLE: tl.constexpr,  # True: BLOCK_N >= N, the tile holds whole rows
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile: the padded row, or the chunk width
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop over tiles (SINGLE)
 ):
     """LayerNorm backward; program p handles row tiles p, p + P, p + 2P, ... (P programs)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    part = pid.to(tl.int64) * N  # this program's row of the partial sums
+    if COMPUTE_DW or COMPUTE_DB:
+        dw_part = part_ptr + pid.to(tl.int64) * N  # this program's rows of the partial sums
+        if COMPUTE_DW:
+            db_part = dw_part + num_programs.to(tl.int64) * N
+        else:
+            db_part = dw_part
     if SINGLE:
         w = _load_weight(w_ptr, cols, N, HAS_WEIGHT)  # once: every tile reuses it
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for tile in range(pid, num_tiles, num_programs):
+        for tile in tl.range(pid, num_tiles, num_programs, num_stages=NUM_STAGES):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             row_mask = rows < M
             mask = row_mask[:, None] & (cols < N)[None, :]
@@ -331,17 +382,17 @@ def layer_norm_bwd_kernel(
             if COMPUTE_DB:
                 db_acc += dy
         if COMPUTE_DW:
-            tl.store(dw_part_ptr + part + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
+            tl.store(dw_part + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
         if COMPUTE_DB:
-            tl.store(db_part_ptr + part + cols, tl.sum(db_acc, axis=0), mask=cols < N)
+            tl.store(db_part + cols, tl.sum(db_acc, axis=0), mask=cols < N)
     else:
         if COMPUTE_DW or COMPUTE_DB:
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 if COMPUTE_DW:
-                    tl.store(dw_part_ptr + part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
+                    tl.store(dw_part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
                 if COMPUTE_DB:
-                    tl.store(db_part_ptr + part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
+                    tl.store(db_part + c, tl.zeros([BLOCK_N], tl.float32), mask=c < N)
             tl.debug_barrier()
         for tile in range(pid, num_tiles, num_programs):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -371,22 +422,21 @@ def layer_norm_bwd_kernel(
                     _store_dx(xhat, wdy, c1, c2, rstd, ds_ptr, dx_ptr, dr_ptr, rows, c, mask,
                               stride_dsm, N, HAS_DS, STORE_DR)
                 if COMPUTE_DW:
-                    acc = tl.load(dw_part_ptr + part + c, mask=c < N, other=0.0)
-                    tl.store(dw_part_ptr + part + c, acc + tl.sum(dy * xhat, axis=0), mask=c < N)
+                    acc = tl.load(dw_part + c, mask=c < N, other=0.0)
+                    tl.store(dw_part + c, acc + tl.sum(dy * xhat, axis=0), mask=c < N)
                 if COMPUTE_DB:
-                    acc = tl.load(db_part_ptr + part + c, mask=c < N, other=0.0)
-                    tl.store(db_part_ptr + part + c, acc + tl.sum(dy, axis=0), mask=c < N)
+                    acc = tl.load(db_part + c, mask=c < N, other=0.0)
+                    tl.store(db_part + c, acc + tl.sum(dy, axis=0), mask=c < N)
             # The next tile re-reads the partial row, possibly from other threads' writes.
             tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["P"])
 def layer_norm_reduce_kernel(
-    dw_part_ptr,  # [P, N] fp32 partial sums of dw (read when COMPUTE_DW)
-    db_part_ptr,  # [P, N] fp32 partial sums of db (read when COMPUTE_DB)
+    part_ptr,  # [P, N] fp32 partial sums of dw (when COMPUTE_DW), then [P, N] of db
     dw_ptr,  # output [N], in the weight's dtype
     db_ptr,  # output [N], in the bias's dtype
-    P,  # number of partial rows (the backward's grid size; not specialised on)
+    P,  # number of partial rows of each (the backward's grid size; not specialised on)
     N,  # row length
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
@@ -397,6 +447,10 @@ def layer_norm_reduce_kernel(
     per program."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    if COMPUTE_DW:
+        db_part = part_ptr + P.to(tl.int64) * N
+    else:
+        db_part = part_ptr
     dw = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for start in range(0, P, BLOCK_P):
@@ -404,9 +458,9 @@ def layer_norm_reduce_kernel(
         mask = (p < P)[:, None] & col_mask[None, :]
         offs = p.to(tl.int64)[:, None] * N + cols[None, :]
         if COMPUTE_DW:
-            dw += tl.load(dw_part_ptr + offs, mask=mask, other=0.0)
+            dw += tl.load(part_ptr + offs, mask=mask, other=0.0)
         if COMPUTE_DB:
-            db += tl.load(db_part_ptr + offs, mask=mask, other=0.0)
+            db += tl.load(db_part + offs, mask=mask, other=0.0)
     if COMPUTE_DW:
         tl.store(dw_ptr + cols, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=col_mask)
     if COMPUTE_DB:
@@ -444,17 +498,21 @@ def layer_norm_fwd(
         (y, s or None, mean, rstd): y and s contiguous of ``shape``, mean and rstd fp32 [M].
     """
     m, n = x.shape
-    y = empty(shape, out_dtype, x.device)
-    s = empty(shape, sum_dtype, x.device) if residual is not None else None
-    mean = empty((m,), torch.float32, x.device)
-    rstd = empty((m,), torch.float32, x.device)
-    t = tile_config(n, backward=False)
-    layer_norm_fwd_kernel[(triton.cdiv(m, t.block_m),)](
-        x, residual, s, weight, bias, y, mean, rstd,
-        m, n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, SINGLE=t.single, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        num_warps=t.num_warps,
+    dev = x.device
+    y = empty(shape, out_dtype, dev)
+    s = empty(shape, sum_dtype, dev) if residual is not None else None
+    mean = empty((m,), torch.float32, dev)
+    rstd = empty((m,), torch.float32, dev)
+    p = _plan(n, False, dev.index)
+    t = p.tile
+    launch(
+        layer_norm_fwd_kernel, min(_cdiv(m, t.block_m), p.max_programs),
+        (x, residual, s, weight, bias, y, mean, rstd, m, n, x.stride(0),
+         residual.stride(0) if residual is not None else 0, eps),
+        dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+             HAS_BIAS=bias is not None, SINGLE=t.single, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+             NUM_STAGES=t.num_stages),
+        num_warps=t.num_warps, maxnreg=p.maxnreg,
     )  # fmt: skip
     return y, s, mean, rstd
 
@@ -494,30 +552,29 @@ def layer_norm_bwd(
     dev = x.device
     dx = empty(shape, dx_dtype, dev) if dx_dtype is not None else None
     dr = empty(shape, dr_dtype, dev) if dr_dtype is not None else None
-    t = tile_config(n, backward=True)
-    sms = num_sms(device_index(x))
-    programs = min(triton.cdiv(m, t.block_m), sms * t.programs_per_sm)
+    p = _plan(n, True, dev.index)
+    t = p.tile
+    programs = min(_cdiv(m, t.block_m), p.max_programs)
     want_dw, want_db = dw_dtype is not None, db_dtype is not None
-    dw_part = empty((programs, n), torch.float32, dev) if want_dw else None
-    db_part = empty((programs, n), torch.float32, dev) if want_db else None
-    layer_norm_bwd_kernel[(programs,)](
-        x, weight, dy, ds, mean, rstd, dx, dr, dw_part, db_part,
-        m, n, x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0,
-        HAS_WEIGHT=weight is not None, HAS_DS=ds is not None, COMPUTE_DX=dx is not None,
-        STORE_DR=dr is not None, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, SINGLE=t.single,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
-        maxnreg=CONFIG["bwd_maxnreg"],
+    n_parts = want_dw + want_db
+    part = empty((n_parts, programs, n), torch.float32, dev) if n_parts else None
+    launch(
+        layer_norm_bwd_kernel, programs,
+        (x, weight, dy, ds, mean, rstd, dx, dr, part, m, n, x.stride(0), dy.stride(0),
+         ds.stride(0) if ds is not None else 0),
+        dict(HAS_WEIGHT=weight is not None, HAS_DS=ds is not None, COMPUTE_DX=dx is not None,
+             STORE_DR=dr is not None, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, SINGLE=t.single,
+             BLOCK_M=t.block_m, BLOCK_N=t.block_n, NUM_STAGES=t.num_stages),
+        num_warps=t.num_warps, maxnreg=p.maxnreg,
     )  # fmt: skip
-    dw = db = None
-    if want_dw or want_db:
-        dw = empty((n,), dw_dtype, dev) if want_dw else None
-        db = empty((n,), db_dtype, dev) if want_db else None
-        # About one program per SM: columns split across programs, partial rows looped over.
-        block_n = min(max(triton.next_power_of_2(triton.cdiv(n, sms)), 4), CONFIG["reduce_tile"])
-        block_p = max(1, CONFIG["reduce_tile"] // block_n)
-        layer_norm_reduce_kernel[(triton.cdiv(n, block_n),)](
-            dw_part, db_part, dw, db, programs, n,
-            COMPUTE_DW=want_dw, COMPUTE_DB=want_db, BLOCK_P=block_p, BLOCK_N=block_n,
-            num_warps=CONFIG["reduce_warps"],
-        )  # fmt: skip
+    if not n_parts:
+        return dx, dr, None, None
+    dw = empty((n,), dw_dtype, dev) if want_dw else None
+    db = empty((n,), db_dtype, dev) if want_db else None
+    launch(
+        layer_norm_reduce_kernel, p.reduce_grid, (part, dw, db, programs, n),
+        dict(COMPUTE_DW=want_dw, COMPUTE_DB=want_db, BLOCK_P=p.reduce_block_p,
+             BLOCK_N=p.reduce_block_n),
+        num_warps=CONFIG["reduce_warps"],
+    )  # fmt: skip
     return dx, dr, dw, db

@@ -10,24 +10,29 @@ output is written in whatever dtype its buffer has (fp32 under autocast, the inp
 dtype otherwise), so no separate cast pass is needed.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, empty
+from ..runtime import INTERPRET, empty, launch
 
 # Launch parameters, one table for the family. Under the interpreter, which pays per program
 # and per op rather than per element, tiles are large and the single-block limit is small
 # so that the chunked path runs on cheap test sizes (a row of 2500 takes 3 chunks).
-#   max_single_n: longest row done in one block (a power of two)
-#   chunk_n:      chunk width for longer rows (a power of two)
-#   tile:         elements per program; rows per program = tile // block width
-#   max_warps:    warps for the largest tiles (about 512 elements per warp, at least 4)
+#   max_single_n:   longest row done in one block (a power of two)
+#   chunk_n:        chunk width for longer rows (a power of two)
+#   tile:           elements per program; rows per program = tile // block width
+#   elems_per_warp: warps = elements per program / elems_per_warp, at least 4 ...
+#   max_warps:      ... and at most this
 CONFIG = (
-    {"max_single_n": 1024, "chunk_n": 1024, "tile": 1 << 15, "max_warps": 4}
+    {"max_single_n": 1024, "chunk_n": 1024, "tile": 1 << 15, "elems_per_warp": 512,
+     "max_warps": 4}
     if INTERPRET
-    else {"max_single_n": 16384, "chunk_n": 4096, "tile": 4096, "max_warps": 16}
-)
+    else {"max_single_n": 16384, "chunk_n": 4096, "tile": 4096, "elems_per_warp": 512,
+          "max_warps": 16}
+)  # fmt: skip
 
 
 @triton.jit
@@ -128,13 +133,19 @@ def softmax_bwd_kernel(
             tl.store(dx_rows + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
 def _launch_params(n_rows: int, n_cols: int) -> tuple[int, int, bool, int, int]:
-    """(BLOCK_M, BLOCK_N, SINGLE, grid size, num_warps) for rows of ``n_cols`` elements."""
+    """(BLOCK_M, BLOCK_N, SINGLE, grid size, num_warps) for rows of ``n_cols`` elements
+    (plain integer math, cached: ``triton.cdiv`` and friends cost microseconds per call)."""
     single = n_cols <= CONFIG["max_single_n"]
-    block_n = triton.next_power_of_2(n_cols) if single else CONFIG["chunk_n"]
-    block_m = min(max(1, CONFIG["tile"] // block_n), triton.next_power_of_2(n_rows))
-    warps = min(CONFIG["max_warps"], max(4, block_m * block_n // 512))
-    return block_m, block_n, single, triton.cdiv(n_rows, block_m), warps
+    block_n = _next_power_of_2(n_cols) if single else CONFIG["chunk_n"]
+    block_m = min(max(1, CONFIG["tile"] // block_n), _next_power_of_2(n_rows))
+    warps = min(CONFIG["max_warps"], max(4, block_m * block_n // CONFIG["elems_per_warp"]))
+    return block_m, block_n, single, -(-n_rows // block_m), warps
 
 
 def softmax_fwd(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -145,9 +156,9 @@ def softmax_fwd(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     n_rows, n_cols = x.shape
     y = empty((n_rows, n_cols), out_dtype, x.device)
     block_m, block_n, single, grid, warps = _launch_params(n_rows, n_cols)
-    softmax_fwd_kernel[(grid,)](
-        x, y, n_rows, n_cols, x.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps,
+    launch(
+        softmax_fwd_kernel, grid, (x, y, n_rows, n_cols, x.stride(0), y.stride(0)),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single), num_warps=warps,
     )
     return y
 
@@ -161,8 +172,9 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dx_dtype: torch.dtype) -> tor
     n_rows, n_cols = y.shape
     dx = empty((n_rows, n_cols), dx_dtype, y.device)
     block_m, block_n, single, grid, warps = _launch_params(n_rows, n_cols)
-    softmax_bwd_kernel[(grid,)](
-        y, dy, dx, n_rows, n_cols, y.stride(0), dy.stride(0), dx.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps,
-    )
+    launch(
+        softmax_bwd_kernel, grid,
+        (y, dy, dx, n_rows, n_cols, y.stride(0), dy.stride(0), dx.stride(0)),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single), num_warps=warps,
+    )  # fmt: skip
     return dx

@@ -25,7 +25,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     leading dims cannot be flattened into one row stride)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _dtype(t: torch.Tensor | None) -> torch.dtype | None:
@@ -39,21 +39,21 @@ class LayerNormFunction(torch.autograd.Function):
         x2 = _rows(x)
         y, _, mean, rstd = layer_norm_fwd(x2, None, weight, bias, eps, out_dtype, None, x.shape)
         ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.meta = (x.shape, x.dtype, _dtype(weight), _dtype(bias))
+        # The backward's arguments, decided here: the backward runs on autograd's device
+        # thread, where Python runs several times slower (docs/perf/layer_norm_softmax.md).
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.meta = (x.dtype if need_x else None, _dtype(weight) if need_w else None,
+                    _dtype(bias) if need_b else None, x.shape)  # fmt: skip
         return y
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
     def backward(ctx, dy: torch.Tensor):
         x2, weight, mean, rstd = ctx.saved_tensors
-        shape, x_dtype, w_dtype, b_dtype = ctx.meta
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx_dtype, dw_dtype, db_dtype, shape = ctx.meta
         dx, _, dw, db = layer_norm_bwd(
-            x2, weight, _rows(dy), None, mean, rstd,
-            dx_dtype=x_dtype if need_x else None, dr_dtype=None,
-            dw_dtype=w_dtype if need_w else None, db_dtype=b_dtype if need_b else None,
-            shape=shape,
-        )  # fmt: skip
+            x2, weight, _rows(dy), None, mean, rstd, dx_dtype, None, dw_dtype, db_dtype, shape
+        )
         return dx, dw, db, None, None
 
 
@@ -67,31 +67,41 @@ class AddLayerNormFunction(torch.autograd.Function):
             _rows(x), _rows(residual), weight, bias, eps, out_dtype, sum_dtype, x.shape
         )
         ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.meta = (x.dtype, residual.dtype, _dtype(weight), _dtype(bias))
+        # The backward's arguments, decided here (as in LayerNormFunction). One kernel writes
+        # the gradient of s for x and/or residual, in their dtypes; one tensor serves both
+        # when they share a dtype.
+        x_dtype, r_dtype = x.dtype, residual.dtype
+        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        first = x_dtype if need_x else (r_dtype if need_r else None)
+        second = r_dtype if need_x and need_r and r_dtype != x_dtype else None
+        ctx.meta = (x_dtype, r_dtype, need_x, need_r, first, second,
+                    _dtype(weight) if need_w else None, _dtype(bias) if need_b else None)
         return s, y
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
     def backward(ctx, ds: torch.Tensor | None, dy: torch.Tensor | None):
         s, weight, mean, rstd = ctx.saved_tensors
-        x_dtype, r_dtype, w_dtype, b_dtype = ctx.meta
-        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        x_dtype, r_dtype, need_x, need_r, first, second, dw_dtype, db_dtype = ctx.meta
         if dy is None:  # only s was used: the LayerNorm contributes nothing
             dx = ds.to(x_dtype) if need_x else None
             dr = ds.to(r_dtype) if need_r else None
             return dx, dr, None, None, None, None
-        # One kernel writes the gradient of s for x and/or residual, in their dtypes; one
-        # tensor serves both when they share a dtype.
-        first = x_dtype if need_x else (r_dtype if need_r else None)
-        second = r_dtype if need_x and need_r and r_dtype != x_dtype else None
         g1, g2, dw, db = layer_norm_bwd(
             _rows(s), weight, _rows(dy), _rows(ds) if ds is not None else None, mean, rstd,
-            dx_dtype=first, dr_dtype=second, dw_dtype=w_dtype if need_w else None,
-            db_dtype=b_dtype if need_b else None, shape=s.shape,
+            first, second, dw_dtype, db_dtype, s.shape,
         )  # fmt: skip
         dx = g1 if need_x else None
         dr = (g2 if g2 is not None else g1) if need_r else None
         return dx, dr, dw, db, None, None
+
+
+def _check_param(t: torch.Tensor, name: str, n: int) -> None:
+    check_tensor(t, name)
+    if t.shape != (n,):
+        raise ValueError(
+            f"{name} must have shape ({n},) (x's last dimension), got {tuple(t.shape)}"
+        )
 
 
 def _check_args(
@@ -103,15 +113,14 @@ def _check_args(
 ) -> None:
     check_tensor(x, "x", min_ndim=1)
     n = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(t, name)
-            if tuple(t.shape) != (n,):
-                raise ValueError(
-                    f"{name} must have shape ({n},) (x's last dimension), got {tuple(t.shape)}"
-                )
-    check_same_device(x=x, weight=weight, bias=bias)
-    if isinstance(eps, bool) or not isinstance(eps, Real):
+    dev = x.device
+    if weight is not None:
+        _check_param(weight, "weight", n)
+    if bias is not None:
+        _check_param(bias, "bias", n)
+    if (weight is not None and weight.device != dev) or (bias is not None and bias.device != dev):
+        check_same_device(x=x, weight=weight, bias=bias)
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, Real)):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")

@@ -15,7 +15,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     A copy is made only when no such view exists (the last dimension is not unit-stride, or
     the leading dimensions cannot be merged into one stride).
     """
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
@@ -25,7 +25,9 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
     def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        y = softmax_fwd(as_rows(x), out_dtype).view(x.shape)
+        y = softmax_fwd(as_rows(x), out_dtype)
+        if x.dim() != 2:
+            y = y.view(x.shape)
         ctx.save_for_backward(y)
         ctx.x_dtype = x.dtype
         return y
@@ -35,7 +37,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
         dx = softmax_bwd(as_rows(y), as_rows(dy), ctx.x_dtype)
-        return dx.view(y.shape), None
+        return (dx if y.dim() == 2 else dx.view(y.shape)), None
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
