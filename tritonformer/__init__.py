@@ -10,8 +10,8 @@ counterpart of ``torch.nn.functional``) -> ``nn`` (modules, the counterpart of `
 from . import runtime
 
 # isort: split
-from . import nn, ops, reference
+from . import library, nn, ops, reference  # library: the kernels as custom ops (torch.compile)
 from .model import Transformer, TransformerConfig
 
-__all__ = ["Transformer", "TransformerConfig", "nn", "ops", "reference", "runtime"]
+__all__ = ["Transformer", "TransformerConfig", "library", "nn", "ops", "reference", "runtime"]
 __version__ = "0.1.0"

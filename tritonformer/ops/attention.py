@@ -31,7 +31,7 @@ def _descriptor_ready(t: torch.Tensor) -> torch.Tensor:
     for the strides of the other dims that have more than one element.
     """
     es = t.element_size()
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+    ok = t.stride(-1) == 1 and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0) and all(
         n == 1 or (s * es) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)
     )
     return t if ok else t.clone(memory_format=torch.contiguous_format)
