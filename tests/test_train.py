@@ -301,3 +301,18 @@ def test_tokenizer_json_and_missing_tiktoken(tmp_path, corpus, capsys):
             *SMALL,
         )
         assert "tiktoken" in err
+
+
+def test_cuda_graphs_train_like_eager(tmp_path, corpus, capsys):
+    """--cuda-graphs replays the step's forward/backward: the same losses as launching them."""
+    common = ["train", "--data", corpus, "--steps", "3", "--eval-interval", "3", *SMALL]
+    if not ON_GPU:
+        err = one_line_error(capsys, *common, "--cuda-graphs", "--out-dir", tmp_path / "g")
+        assert "cuda_graphs needs one process on a CUDA device" in err
+        return
+    assert run_cli(*common, "--out-dir", tmp_path / "eager") == 0
+    assert run_cli(*common, "--cuda-graphs", "--out-dir", tmp_path / "graphs") == 0
+    le, lg = losses(tmp_path / "eager"), losses(tmp_path / "graphs")
+    assert le.keys() == lg.keys() == {1, 2, 3}
+    for s in le:
+        assert abs(le[s] - lg[s]) <= 1e-2 * abs(le[s]), (s, le[s], lg[s])

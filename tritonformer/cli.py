@@ -54,6 +54,7 @@ def _train(a: argparse.Namespace) -> int:
         sample_tokens=a.sample_tokens,
         progress=not a.no_progress,
         gradient_checkpointing=a.gradient_checkpointing,
+        cuda_graphs=a.cuda_graphs,
     )
     result = train(cfg)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-tokens", type=int, default=200, help="sample this many at the end")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward and backward from CUDA graphs (one GPU, "
+                        "dropout 0): no per-kernel launch cost on the CPU")
 
     g = sub.add_parser("generate", help="generate text from a trained run or a GPT-2 checkpoint")
     g.set_defaults(fn=_generate)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .data import BatchLoader, get_tokenizer, load_corpus
 from .model import Transformer, TransformerConfig
-from .runtime import INTERPRET, default_device
+from .runtime import INTERPRET, default_device, no_value_checks
 
 #: Dense bf16/fp16 tensor-core peak by GPU name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -60,6 +60,7 @@ class TrainConfig:
     sample_tokens: int = 0  # tokens generated at the end (printed and logged)
     progress: bool = True
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = False  # replay each step's forward/backward from CUDA graphs
 
     def resolve(self, on_gpu: bool) -> TrainConfig:
         """Fill the machine-dependent defaults: a ~3 minute tiny run on CPU, GPT-2 on GPU."""
@@ -95,6 +96,42 @@ class TrainConfig:
                 "use --dtype fp32 or fp16 on CPU"
             )
         return c
+
+
+class _Loss(torch.nn.Module):
+    """The model's loss alone, the one output a CUDA graph hands back."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(idx, targets)[1]
+
+
+def graph_loss(model: Transformer, batch_size: int, seq_len: int,
+               dtype: torch.dtype | None) -> torch.nn.Module:
+    """``(idx, targets) -> loss`` for ``model`` with its forward and backward each captured
+    once in a CUDA graph and replayed every call (``torch.cuda.make_graphed_callables``):
+    the CPU no longer launches the ~1000 kernels of a step one by one.
+
+    idx and targets must be (batch_size, seq_len) int64 on the model's CUDA device, with
+    valid ids (no value checks run inside a graph; a bad target gives a NaN loss). Call it,
+    and ``.backward()`` its loss, under ``torch.autocast("cuda", dtype, cache_enabled=False)``
+    when dtype is set (it is captured under that autocast). Gradients accumulate into the
+    parameters' ``.grad`` as usual. Dropout must be 0: a replay would repeat one mask.
+    """
+    if model.config.dropout != 0.0:
+        raise ValueError(f"CUDA graphs need dropout=0 (a replay repeats the captured random "
+                         f"mask), got dropout={model.config.dropout}")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
+    sample = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    ctx = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
+           else nullcontext())
+    with ctx:
+        return torch.cuda.make_graphed_callables(_Loss(model), (sample, sample.clone()))
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -243,6 +280,18 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         if world > 1
         else model
     )
+    graphed = None
+    if c.cuda_graphs:
+        if world > 1 or device.type != "cuda" or c.gradient_checkpointing:
+            raise ValueError(
+                "cuda_graphs needs one process on a CUDA device and no gradient checkpointing; "
+                f"got {world} process(es) on {device.type}, gradient_checkpointing="
+                f"{c.gradient_checkpointing}"
+            )
+        graphed = graph_loss(model, c.batch_size, mcfg.block_size,
+                             None if dtype == torch.float32 else dtype)
+        autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+                    if dtype != torch.float32 else nullcontext())
     tokens_per_step = c.batch_size * c.grad_accum * world * mcfg.block_size
     peak = _peak_flops(device, c.dtype)
     flops_per_token = mcfg.flops_per_token()
@@ -251,7 +300,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         model.eval()
         ev = BatchLoader(val_tokens, c.batch_size, mcfg.block_size, c.seed + 1, rank, world)
         total = torch.zeros((), device=device)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, no_value_checks():
             for _ in range(c.eval_iters):
                 x, y = ev.next(device)
                 total += model(x, y)[1].float()
@@ -276,8 +325,10 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         for micro in range(c.grad_accum):
             x, y = loader.next(device)
             sync = micro == c.grad_accum - 1
-            with ddp.no_sync() if world > 1 and not sync else nullcontext(), autocast:
-                loss = ddp(x, y)[1] / c.grad_accum
+            # the corpus was checked once when loaded: no device syncs for value checks
+            with ddp.no_sync() if world > 1 and not sync else nullcontext(), autocast, \
+                    no_value_checks():
+                loss = (graphed(x, y) if graphed else ddp(x, y)[1]) / c.grad_accum
             scaler.scale(loss).backward()
             total += loss.detach().float()
         scaler.unscale_(opt)

@@ -18,6 +18,8 @@ import sys
 import torch
 
 from ..model import Transformer, TransformerConfig
+from ..runtime import no_value_checks
+from ..train import graph_loss
 from .harness import GiB, environment, time_ms
 
 #: (preset, sequence length, batch size)
@@ -28,39 +30,56 @@ CONFIGS = [
     ("840m", 2048, 2),
     ("1.4b", 2048, 4),
 ]
-PROVIDERS = ("tritonformer", "torch", "torch.compile")
+# The baselines run first (a provider can leave state behind: caches, compile workers).
+# "tritonformer+graphs": the Triton model's forward and backward each replayed from one CUDA
+# graph (train.graph_loss). "tritonformer+compile" (not run by default: --providers): the
+# Triton model under torch.compile, its kernels as custom ops (tritonformer/library.py).
+PROVIDERS = ("torch", "torch.compile", "tritonformer", "tritonformer+graphs")
+ALL_PROVIDERS = (*PROVIDERS, "tritonformer+compile")
 
 
 def _model(provider: str, cfg: TransformerConfig) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Transformer(cfg, backend="triton" if provider == "tritonformer" else "torch")
-    if provider == "torch.compile":
+        model = Transformer(cfg, backend="torch" if provider.startswith("torch") else "triton")
+    if provider.endswith("compile"):
         model = torch.compile(model)
     return model
 
 
-def _train_step(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype) -> None:
-    """Forward + backward of one batch under autocast; gradients dropped afterwards."""
-    with torch.autocast("cuda", dtype=dtype):
-        loss = model(idx, idx)[1]
-    loss.backward()
+def _train_step(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype,
+                graphed: torch.nn.Module | None = None) -> None:
+    """Forward + backward of one batch under autocast; gradients dropped afterwards. The
+    value checks' device syncs are off, as in the trainer (its data is checked once)."""
+    with no_value_checks():
+        if graphed is not None:
+            with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+                loss = graphed(idx, idx)
+        else:
+            with torch.autocast("cuda", dtype=dtype):
+                loss = model(idx, idx)[1]
+        loss.backward()
     for p in model.parameters():
         p.grad = None
 
 
-def bench_config(preset: str, T: int, B: int, dtype: torch.dtype) -> list[dict]:
+def bench_config(preset: str, T: int, B: int, dtype: torch.dtype,
+                 providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
     cfg = TransformerConfig.preset(preset, block_size=max(T, 1024))
     flops_per_token = cfg.flops_per_token(seq_len=T)
     rows = []
-    for provider in PROVIDERS:
+    for provider in providers:
         model = _model(provider, cfg)
         idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-
-        step = functools.partial(_train_step, model, idx, dtype)
-        step()  # compile / autotune outside the timing
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        # a graph's memory pool is allocated during its capture: the peak counts from there
+        graphed = graph_loss(model, B, T, dtype) if provider.endswith("graphs") else None
+        step = functools.partial(_train_step, model, idx, dtype, graphed)
+        step()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        if graphed is None:
+            torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / GiB
@@ -83,7 +102,7 @@ def bench_config(preset: str, T: int, B: int, dtype: torch.dtype) -> list[dict]:
             flush=True,
         )
         rows.append(row)
-        del model
+        del model, graphed, step
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
@@ -115,14 +134,17 @@ def chart(rows: list[dict], path: str) -> None:
 
     configs = list(dict.fromkeys(r["config"] for r in rows))
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    w = 0.8 / len(PROVIDERS)
-    for i, prov in enumerate(PROVIDERS):
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    w = 0.8 / len(providers)
+    for i, prov in enumerate(providers):
         vals = [
             next((r["tflops"] for r in rows if r["config"] == c and r["provider"] == prov), 0)
             for c in configs
         ]
         ax.bar([x + i * w for x in range(len(configs))], vals, w, label=prov)
-    ax.set_xticks([x + w for x in range(len(configs))], configs, rotation=15)
+    ax.set_xticks(
+        [x + w * (len(providers) - 1) / 2 for x in range(len(configs))], configs, rotation=15
+    )
     ax.set_ylabel("TFLOP/s (fwd+bwd, PaLM count)")
     ax.set_title(f"Training step throughput, {rows[0]['dtype']} autocast")
     ax.legend()
@@ -136,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tritonformer bench model", description=__doc__)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--configs", nargs="*", help="subset, e.g. 'gpt2:1024:16'")
+    p.add_argument("--providers", nargs="*", choices=ALL_PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--out", default="benchmarks/model", help="prefix of .md/.json/.png outputs")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     env = environment()
     print(env, flush=True)
-    rows = [r for c in configs for r in bench_config(*c, dtype)]
+    rows = [r for c in configs for r in bench_config(*c, dtype, tuple(a.providers))]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
