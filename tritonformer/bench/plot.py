@@ -1,8 +1,8 @@
 """Plot and tabulate kernel benchmark results.
 
 ``python -m tritonformer.bench.plot benchmarks/results.csv --out benchmarks/plots`` draws one
-bar chart per op (the metric of each case, one bar per provider) from the latest run of each
-GPU in the CSV, and prints a markdown table of each case with Tritonformer's ratio to the
+bar chart per op (the metric of each case, one bar per provider) from each op's latest run
+on one GPU in the CSV, and prints a markdown table of each case with Tritonformer's ratio to the
 other providers (time ratio: > 1 means Tritonformer is faster).
 """
 
@@ -16,15 +16,19 @@ from collections import defaultdict
 
 
 def load(path: str, gpu: str | None = None) -> list[dict]:
-    """Rows of the latest run (by date) of ``gpu`` (default: the last GPU in the file)."""
+    """Rows of ``gpu`` (default: the last GPU in the file): for each op, those of its latest
+    run (by date), so ops benchmarked in different calls all appear. Every row keeps its
+    own date; the device copy's latest run is kept as the bandwidth reference."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path} has no rows")
     gpu = gpu or rows[-1]["gpu"]
     rows = [r for r in rows if r["gpu"] == gpu]
-    latest = max(r["date"] for r in rows)
-    return [r for r in rows if r["date"] == latest]
+    latest: dict[str, str] = {}
+    for r in rows:
+        latest[r["op"]] = max(latest.get(r["op"], ""), r["date"])
+    return [r for r in rows if r["date"] == latest[r["op"]]]
 
 
 def markdown(rows: list[dict]) -> str:
