@@ -46,6 +46,13 @@ def _cases(dev: torch.device) -> list[tuple[str, Callable, Callable, list[torch.
             [x, torch.randint(0, x.shape[1], (x.shape[0],), device=dev)],
         ),
         (
+            "linear_cross_entropy",
+            lambda x, w, t: ops.linear_cross_entropy(x, w, t, label_smoothing=0.1),
+            lambda x, w, t: reference.linear_cross_entropy(x, w, t.long(), label_smoothing=0.1),
+            [x, torch.randn(50, x.shape[1], device=dev) * 0.1,
+             torch.randint(0, 50, (x.shape[0],), device=dev)],
+        ),
+        (
             "attention",
             lambda q, k, v: ops.attention(q, k, v, alibi_slopes=ops.alibi_slopes(2)),
             lambda q, k, v: reference.attention(q, k, v, True, ops.alibi_slopes(2).double().cpu()),
@@ -77,7 +84,7 @@ def run_selfcheck() -> int:
         ok = err < 1e-5
         failed += not ok
         print(
-            f"  {name:<16} max rel err {err:.2e}  {'ok' if ok else 'FAIL'}  "
+            f"  {name:<22} max rel err {err:.2e}  {'ok' if ok else 'FAIL'}  "
             f"({time.perf_counter() - t0:.2f} s)"
         )
     print("all ops match their references" if not failed else f"{failed} op(s) FAILED")
