@@ -316,3 +316,14 @@ def test_cuda_graphs_train_like_eager(tmp_path, corpus, capsys):
     assert le.keys() == lg.keys() == {1, 2, 3}
     for s in le:
         assert abs(le[s] - lg[s]) <= 1e-2 * abs(le[s]), (s, le[s], lg[s])
+
+
+def test_graph_loss_refuses_what_a_graph_cannot_replay():
+    from tritonformer.model import Transformer, TransformerConfig
+    from tritonformer.train import graph_loss
+
+    with pytest.raises(ValueError, match="dropout=0"):
+        graph_loss(Transformer(TransformerConfig.preset("tiny", dropout=0.1)), 2, 8, None)
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="CUDA device"):
+            graph_loss(Transformer(TransformerConfig.preset("tiny")), 2, 8, None)
