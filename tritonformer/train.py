@@ -98,40 +98,65 @@ class TrainConfig:
         return c
 
 
-class _Loss(torch.nn.Module):
-    """The model's loss alone, the one output a CUDA graph hands back."""
+class GraphedStep:
+    """A training micro-step of ``model`` -- forward, loss, backward -- captured once in one
+    CUDA graph and replayed on every call: the CPU no longer launches the ~1000 kernels of a
+    step one by one.
 
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model(idx, targets)[1]
-
-
-def graph_loss(model: Transformer, batch_size: int, seq_len: int,
-               dtype: torch.dtype | None) -> torch.nn.Module:
-    """``(idx, targets) -> loss`` for ``model`` with its forward and backward each captured
-    once in a CUDA graph and replayed every call (``torch.cuda.make_graphed_callables``):
-    the CPU no longer launches the ~1000 kernels of a step one by one.
-
-    idx and targets must be (batch_size, seq_len) int64 on the model's CUDA device, with
-    valid ids (no value checks run inside a graph; a bad target gives a NaN loss). Call it,
-    and ``.backward()`` its loss, under ``torch.autocast("cuda", dtype, cache_enabled=False)``
-    when dtype is set (it is captured under that autocast). Gradients accumulate into the
-    parameters' ``.grad`` as usual. Dropout must be 0: a replay would repeat one mask.
+    ``step(idx, targets)`` copies the batch, (batch_size, seq_len) int64 on the model's CUDA
+    device with valid ids (no value checks run inside a graph; a bad target gives a NaN
+    loss), into the graph's inputs, replays it and returns the loss: a tensor the graph owns,
+    overwritten by the next call. The backward of ``scale(loss)`` (e.g. a GradScaler's
+    ``scale``, a division for gradient accumulation; captured, so it must compute on device
+    tensors only) is *added* into the parameters' ``.grad``, which are allocated once here and
+    belong to the graph: zero them in place (``optimizer.zero_grad(set_to_none=False)``),
+    never set them to None. Autocast (``dtype``) is applied inside the graph. Dropout must
+    be 0 (a replay would repeat one random mask), the model on one CUDA device.
     """
-    if model.config.dropout != 0.0:
-        raise ValueError(f"CUDA graphs need dropout=0 (a replay repeats the captured random "
-                         f"mask), got dropout={model.config.dropout}")
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
-    sample = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
-    ctx = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
-           else nullcontext())
-    with ctx:
-        return torch.cuda.make_graphed_callables(_Loss(model), (sample, sample.clone()))
+
+    def __init__(self, model: Transformer, batch_size: int, seq_len: int,
+                 dtype: torch.dtype | None, scale=lambda loss: loss, warmup: int = 3) -> None:
+        if model.config.dropout != 0.0:
+            raise ValueError(f"CUDA graphs need dropout=0 (a replay repeats the captured "
+                             f"random mask), got dropout={model.config.dropout}")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
+        self.idx = torch.randint(0, model.config.vocab_size, (batch_size, seq_len),
+                                 device=device)
+        self.targets = self.idx.clone()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        ctx = (torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None
+               else nullcontext())
+
+        def run() -> torch.Tensor:
+            with ctx, no_value_checks():
+                loss = model(self.idx, self.targets)[1]
+            scale(loss).backward()
+            return loss.detach()
+
+        # warm-up (allocator, compiled kernels) and capture on one side stream, as autograd
+        # keeps the stream its gradient-accumulation nodes first ran on
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch._foreach_zero_([p.grad for p in params])
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.loss = run()
+        torch._foreach_zero_([p.grad for p in params])  # capturing ran nothing, to be sure
+
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.idx.copy_(idx)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        return self.loss
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -288,10 +313,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
                 f"got {world} process(es) on {device.type}, gradient_checkpointing="
                 f"{c.gradient_checkpointing}"
             )
-        graphed = graph_loss(model, c.batch_size, mcfg.block_size,
-                             None if dtype == torch.float32 else dtype)
-        autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-                    if dtype != torch.float32 else nullcontext())
+        graphed = GraphedStep(model, c.batch_size, mcfg.block_size,
+                              None if dtype == torch.float32 else dtype,
+                              lambda loss: scaler.scale(loss / c.grad_accum))
     tokens_per_step = c.batch_size * c.grad_accum * world * mcfg.block_size
     peak = _peak_flops(device, c.dtype)
     flops_per_token = mcfg.flops_per_token()
@@ -324,18 +348,21 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device) -> 
         total = torch.zeros((), device=device)
         for micro in range(c.grad_accum):
             x, y = loader.next(device)
+            if graphed is not None:  # forward and backward replayed; grads added in place
+                total += graphed(x, y).float() / c.grad_accum
+                continue
             sync = micro == c.grad_accum - 1
             # the corpus was checked once when loaded: no device syncs for value checks
             with ddp.no_sync() if world > 1 and not sync else nullcontext(), autocast, \
                     no_value_checks():
-                loss = (graphed(x, y) if graphed else ddp(x, y)[1]) / c.grad_accum
+                loss = ddp(x, y)[1] / c.grad_accum
             scaler.scale(loss).backward()
             total += loss.detach().float()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=graphed is None)  # a graph's gradients stay allocated
         if world > 1:
             dist.all_reduce(total)
             total /= world

@@ -19,7 +19,7 @@ import torch
 
 from ..model import Transformer, TransformerConfig
 from ..runtime import no_value_checks
-from ..train import graph_loss
+from ..train import GraphedStep
 from .harness import GiB, environment, time_ms
 
 #: (preset, sequence length, batch size)
@@ -32,7 +32,7 @@ CONFIGS = [
 ]
 # The baselines run first (a provider can leave state behind: caches, compile workers).
 # "tritonformer+graphs": the Triton model's forward and backward each replayed from one CUDA
-# graph (train.graph_loss). "tritonformer+compile" (not run by default: --providers): the
+# graph (train.GraphedStep). "tritonformer+compile" (not run by default: --providers): the
 # Triton model under torch.compile, its kernels as custom ops (tritonformer/library.py).
 PROVIDERS = ("torch", "torch.compile", "tritonformer", "tritonformer+graphs")
 ALL_PROVIDERS = (*PROVIDERS, "tritonformer+compile")
@@ -48,16 +48,17 @@ def _model(provider: str, cfg: TransformerConfig) -> torch.nn.Module:
 
 
 def _train_step(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype,
-                graphed: torch.nn.Module | None = None) -> None:
-    """Forward + backward of one batch under autocast; gradients dropped afterwards. The
-    value checks' device syncs are off, as in the trainer (its data is checked once)."""
+                graphed: GraphedStep | None = None) -> None:
+    """Forward + backward of one batch under autocast; gradients dropped (zeroed in place for
+    a graph, which owns them) afterwards. The value checks' device syncs are off, as in the
+    trainer (its data is checked once)."""
+    if graphed is not None:
+        graphed(idx, idx)
+        torch._foreach_zero_([p.grad for p in model.parameters()])
+        return
     with no_value_checks():
-        if graphed is not None:
-            with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
-                loss = graphed(idx, idx)
-        else:
-            with torch.autocast("cuda", dtype=dtype):
-                loss = model(idx, idx)[1]
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(idx, idx)[1]
         loss.backward()
     for p in model.parameters():
         p.grad = None
@@ -74,7 +75,7 @@ def bench_config(preset: str, T: int, B: int, dtype: torch.dtype,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         # a graph's memory pool is allocated during its capture: the peak counts from there
-        graphed = graph_loss(model, B, T, dtype) if provider.endswith("graphs") else None
+        graphed = GraphedStep(model, B, T, dtype) if provider.endswith("graphs") else None
         step = functools.partial(_train_step, model, idx, dtype, graphed)
         step()  # compile / autotune outside the timing
         torch.cuda.synchronize()
