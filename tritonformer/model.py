@@ -74,7 +74,7 @@ class TransformerConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return runtime.cdiv(self.vocab_size, VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, PaLM's convention: 6 N_matmul + 12 L d T."""

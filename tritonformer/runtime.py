@@ -68,6 +68,12 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: plain Python, since ``triton.cdiv`` is a constexpr-function
+    wrapper costing microseconds per call on the host, which adds up on every launch."""
+    return -(-a // b)
+
+
 def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else 0
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, empty, launch, num_sms
+from ..runtime import INTERPRET, cdiv, empty, launch, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # Tuning table: every block, warp and pipelining choice of this file.
@@ -113,10 +113,6 @@ class Tile(NamedTuple):
     num_stages: int  # pipelining depth of the loop over tiles
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -156,8 +152,8 @@ def _plan(n: int, backward: bool, device: int | None) -> Plan:
         per_thread = REGISTERS_PER_SM // (t.programs_per_sm * t.num_warps * 32) // 8 * 8
         maxnreg = per_thread if per_thread < MAX_REGISTERS and not INTERPRET else None
     # About one reduction program per SM: columns split across programs, partial rows looped.
-    block_n = min(max(_next_power_of_2(_cdiv(n, sms)), 4), CONFIG["reduce_tile"])
-    return Plan(t, max_programs, maxnreg, _cdiv(n, block_n), block_n,
+    block_n = min(max(_next_power_of_2(cdiv(n, sms)), 4), CONFIG["reduce_tile"])
+    return Plan(t, max_programs, maxnreg, cdiv(n, block_n), block_n,
                 max(1, CONFIG["reduce_tile"] // block_n))  # fmt: skip
 
 
@@ -506,7 +502,7 @@ def layer_norm_fwd(
     p = _plan(n, False, dev.index)
     t = p.tile
     launch(
-        layer_norm_fwd_kernel, min(_cdiv(m, t.block_m), p.max_programs),
+        layer_norm_fwd_kernel, min(cdiv(m, t.block_m), p.max_programs),
         (x, residual, s, weight, bias, y, mean, rstd, m, n, x.stride(0),
          residual.stride(0) if residual is not None else 0, eps),
         dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -554,7 +550,7 @@ def layer_norm_bwd(
     dr = empty(shape, dr_dtype, dev) if dr_dtype is not None else None
     p = _plan(n, True, dev.index)
     t = p.tile
-    programs = min(_cdiv(m, t.block_m), p.max_programs)
+    programs = min(cdiv(m, t.block_m), p.max_programs)
     want_dw, want_db = dw_dtype is not None, db_dtype is not None
     n_parts = want_dw + want_db
     part = empty((n_parts, programs, n), torch.float32, dev) if n_parts else None

@@ -42,7 +42,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..runtime import INTERPRET, device_index, empty, fp32_uses_tf32, is_hopper, num_sms
+from ..runtime import (
+    INTERPRET,
+    cdiv,
+    device_index,
+    empty,
+    fp32_uses_tf32,
+    is_hopper,
+    num_sms,
+)
 from .activations import activation, activation_grad
 
 
@@ -404,12 +412,6 @@ def dz_dbias_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Host-side integer math in plain Python: triton.cdiv is a constexpr-function wrapper
-    # costing microseconds per call, which adds up on every launch.
-    return -(-a // b)
-
-
 def operand_class(dtype: torch.dtype) -> str:
     """The tuning table's operand class of a compute dtype ("16bit", "tf32" or "ieee")."""
     if dtype != torch.float32:
@@ -422,10 +424,10 @@ def split_k_for(tiles: int, k_steps: int, sms: int) -> int:
     """Number of K splits that finishes soonest by the cost model above (1 when tiles fill)."""
     best, best_cost = 1, None
     for s in range(1, MAX_SPLIT_K + 1):
-        per = _cdiv(k_steps, s)
+        per = cdiv(k_steps, s)
         if s > 1 and per < MIN_STEPS_PER_SPLIT:
             break
-        waves = _cdiv(tiles * s, sms)
+        waves = cdiv(tiles * s, sms)
         cost = waves * per + (waves * REDUCE_STEPS + FIXED_STEPS if s > 1 else 0)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
@@ -514,12 +516,12 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    tiles = _cdiv(m, bm) * _cdiv(n, bn)
-    k_steps = r * _cdiv(k, bk)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    k_steps = r * cdiv(k, bk)
     sms = num_sms(device_index(a))
     split = 1 if epilogue else config.split_k or split_k_for(tiles * o0 * o1, k_steps, sms)
-    steps = _cdiv(k_steps, split)
-    split = _cdiv(k_steps, steps)  # no empty splits
+    steps = cdiv(k_steps, split)
+    split = cdiv(k_steps, steps)  # no empty splits
     flags = dict(HAS_BIAS=has_bias, ACTIVATION=act, SAVE_DACT=save_dact,
                  ACCUMULATE=accumulate and split == 1, SPLIT_K=split,
                  ROUND_TF32=op_class == "tf32", PRECISION="ieee" if op_class == "ieee" else "tf32",
@@ -546,7 +548,7 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
             raise ValueError(f"at most 65535 batch matrices per launch, got {o0 * o1}")
         grid = (tiles * split, o0 * o1)
     return _Plan(use_tma, batched, (o0, o1, r, m, n, k), (o0, o1, m, n) if batched else (m, n),
-                 split, steps, _cdiv(m, bm) * bm if use_tma else m, descs, grid, flags)
+                 split, steps, cdiv(m, bm) * bm if use_tma else m, descs, grid, flags)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
@@ -640,7 +642,7 @@ def gemm(
         )
     if split > 1:
         n_out = o0 * o1 * m * n
-        reduce_splits_kernel[(_cdiv(n_out, REDUCE_BLOCK),)](
+        reduce_splits_kernel[(cdiv(n_out, REDUCE_BLOCK),)](
             ws, c, n_out, m * n, plan.ws_rows * n, o0 * o1 * plan.ws_rows * n,
             ACCUMULATE=accumulate, SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=8,
         )
@@ -652,7 +654,7 @@ def _dz_launch(dy: torch.Tensor, g: torch.Tensor | None, dz: torch.Tensor | None
     m, n = dy.shape
     bm, bn = DZ_BLOCK
     gs = g.stride() if g is not None else (0, 0)
-    dz_dbias_kernel[(_cdiv(n, bn), _cdiv(m, rows_per_range))](
+    dz_dbias_kernel[(cdiv(n, bn), cdiv(m, rows_per_range))](
         dy, g, dz, sums, m, n, rows_per_range, *dy.stride(), *gs,
         A_MUL=g is not None, DZ_OUT=dz is not None, SUMS=sums is not None,
         BM=bm, BN=bn, num_warps=4,
@@ -676,10 +678,10 @@ def dz_and_dbias(
     """
     m, n = dy.shape
     bm, bn = DZ_BLOCK
-    row_blocks = _cdiv(m, bm)
-    want = _cdiv(DZ_PROGRAMS_PER_SM * num_sms(device_index(dy)), _cdiv(n, bn))
-    per = _cdiv(row_blocks, max(1, min(row_blocks, want))) * bm
-    ranges = _cdiv(m, per)
+    row_blocks = cdiv(m, bm)
+    want = cdiv(DZ_PROGRAMS_PER_SM * num_sms(device_index(dy)), cdiv(n, bn))
+    per = cdiv(row_blocks, max(1, min(row_blocks, want))) * bm
+    ranges = cdiv(m, per)
     dz_out = empty((m, n), dy.dtype, dy.device) if dz else None
     sums = None
     if dbias_dtype is not None:
@@ -687,6 +689,6 @@ def dz_and_dbias(
     _dz_launch(dy, g, dz_out, sums, per)
     if sums is not None and ranges > 1:
         db = empty((1, n), dbias_dtype, dy.device)
-        _dz_launch(sums, None, None, db, _cdiv(ranges, bm) * bm)
+        _dz_launch(sums, None, None, db, cdiv(ranges, bm) * bm)
         sums = db
     return dz_out, None if sums is None else sums[0]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, empty, launch
+from ..runtime import INTERPRET, cdiv, empty, launch
 
 # Launch parameters, one table for the family. Under the interpreter, which pays per program
 # and per op rather than per element, tiles are large and the single-block limit is small
@@ -145,7 +145,7 @@ def _launch_params(n_rows: int, n_cols: int) -> tuple[int, int, bool, int, int]:
     block_n = _next_power_of_2(n_cols) if single else CONFIG["chunk_n"]
     block_m = min(max(1, CONFIG["tile"] // block_n), _next_power_of_2(n_rows))
     warps = min(CONFIG["max_warps"], max(4, block_m * block_n // CONFIG["elems_per_warp"]))
-    return block_m, block_n, single, -(-n_rows // block_m), warps
+    return block_m, block_n, single, cdiv(n_rows, block_m), warps
 
 
 def softmax_fwd(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -36,6 +36,7 @@ from ..kernels.matmul import gemm
 from ..runtime import (
     DEVICE_TYPE,
     autocast_dtype,
+    cdiv,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -51,16 +52,12 @@ from .cross_entropy import check_loss_args
 CHUNK = {"logits_bytes": 256 << 20, "rows_multiple": 128}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _parts(total: int, most: int, multiple: int) -> list[tuple[int, int]]:
     """[start, end) ranges covering range(total) in the fewest near-equal parts of at most
     ``most`` items (rounded down to a multiple of ``multiple``, at least one multiple), every
     part but the last a multiple of ``multiple`` long."""
     most = max(multiple, most // multiple * multiple)
-    size = _cdiv(_cdiv(total, _cdiv(total, most)), multiple) * multiple
+    size = cdiv(cdiv(total, cdiv(total, most)), multiple) * multiple
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
@@ -153,7 +150,7 @@ def _operands(
     align = 16 // xc.element_size()
     if v % align == 0:
         return xc, weight.to(dt)
-    wc = torch.zeros(_cdiv(v, align) * align, d, dtype=dt, device=weight.device)
+    wc = torch.zeros(cdiv(v, align) * align, d, dtype=dt, device=weight.device)
     wc[:v].copy_(weight)
     return xc, wc
 

@@ -217,12 +217,11 @@ class LinearFunction(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = db = None
+        dx = dw = dz = db = None
         want_dz = dact is not None and (need_x or need_w)
-        dz = dy2
         if want_dz or need_b:  # dZ = dY * act'(Z) and dbias, in one pass over dY
             dz, db = dz_and_dbias(dy2, dact, want_dz, b_dtype if need_b else None)
-            dz = dy2 if dz is None else dz
+        dz = dy2 if dz is None else dz  # no activation: dZ is dY
         if need_x:  # dX = dZ W
             dx = gemm(dz, wc, x_dtype).c.view(ctx.x_shape)
         if need_w:  # dW = dZ^T X, reduced over every row in fp32
