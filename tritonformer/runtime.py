@@ -236,36 +236,45 @@ def _specialization(a: object) -> object:
     return type(a)
 
 
-def launch(kernel, grid: int, args: tuple, constexprs: dict, **options) -> None:
-    """``kernel[(grid,)](*args, **constexprs, **options)``, dispatched through Triton once per
+def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *,
+           key: object = None, **options) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``, dispatched through Triton once per
     specialisation.
 
-    ``args`` are the kernel's runtime arguments in order and ``constexprs`` its
-    ``tl.constexpr`` parameters, which must be the last ones of its signature, in order. The
-    first call with a given key (device, constexprs, options and each argument's
-    specialisation, see ``_specialization``) goes through Triton and keeps the compiled kernel
-    it returns; later ones launch that kernel directly. Under the interpreter, or while Triton
-    launch hooks are installed (profilers), every call goes through Triton.
+    ``grid`` is a program count or a tuple of up to three. ``args`` are the kernel's runtime
+    arguments in order and ``constexprs`` its ``tl.constexpr`` parameters, which must be the
+    last ones of its signature, in order. The first call with a given key goes through Triton
+    and keeps the compiled kernel it returns; later ones launch that kernel directly. The key
+    is the device plus ``key`` when the caller gives one (a hashable that fixes every
+    argument's specialisation, the constexprs and the options, e.g. a cached launch plan),
+    else the constexprs, the options and each argument's specialisation (see
+    ``_specialization``). Under the interpreter, or while Triton launch hooks are installed
+    (profilers), every call goes through Triton.
     """
+    grid = (grid,) if isinstance(grid, int) else grid
     if INTERPRET:
-        kernel[(grid,)](*args, **constexprs, **options)
+        kernel[grid](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, tuple(constexprs.values()), tuple(options.items()),
-           tuple(map(_specialization, args)))  # fmt: skip
+    if key is None:
+        key = (tuple(constexprs.values()), tuple(options.items()),
+               tuple(map(_specialization, args)))  # fmt: skip
+    key = (kernel, device, key)
     entry = _compiled_kernels.get(key)
     if entry is None or entry[2].calls:
-        compiled = kernel[(grid,)](*args, **constexprs, **options)
+        compiled = kernel[grid](*args, **constexprs, **options)
         if list(kernel.arg_names[len(args) :]) != list(constexprs):
             raise ValueError(f"{kernel.__name__}: constexprs must be its last parameters")
         from triton import knobs
         from triton.runtime import driver
 
         hooks = knobs.runtime.launch_enter_hook
+        if len(_compiled_kernels) > 8192:  # many shapes (variable lengths): stay bounded
+            _compiled_kernels.clear()
         _compiled_kernels[key] = (compiled, driver.active.get_current_stream, hooks)
         return
     compiled, current_stream, _ = entry
     compiled.run(
-        grid, 1, 1, current_stream(device), compiled.function, compiled.packed_metadata, None,
-        None, None, *args, *constexprs.values(),
+        *grid, *(1,) * (3 - len(grid)), current_stream(device), compiled.function,
+        compiled.packed_metadata, None, None, None, *args, *constexprs.values(),
     )  # fmt: skip

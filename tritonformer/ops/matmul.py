@@ -113,27 +113,40 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product, and with an autograd ``ctx`` what its backward needs (ctx None: no graph
+    is recorded, nothing is saved)."""
+    dt = _compute_dtype(a)
+    ac, bc = a.to(dt), b.to(dt)
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = _broadcast(a.shape[:-2], b.shape[:-2])
+    a2 = _rows(ac) if b.shape[:-2].numel() == 1 else None
+    need_a, need_b = ctx.needs_input_grad[:2] if ctx is not None else (False, False)
+    if a2 is not None:  # (..., M, K) @ (K, N): one 2-D GEMM over all rows
+        x, y = a2, bc.view(k, n)
+        out = gemm(x, y, dt).c.view(*batch, m, n)
+    else:
+        x, y = ac.expand(*batch, m, k), bc.expand(*batch, k, n)
+        out = _batched_gemm(x, y, [True] * len(batch), dt).view(*batch, m, n)
+    if ctx is not None:
+        ctx.dtypes = (a.dtype, b.dtype)
+        ctx.shapes = (a.shape, b.shape, batch)
+        ctx.flat = a2 is not None
+        ctx.save_for_backward(x if need_b else None, y if need_a else None)
+    return out
+
+
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these inputs (else the ops skip their autograd
+    Function, whose bookkeeping costs tens of microseconds per call)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class MatmulFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        dt = _compute_dtype(a)
-        ac, bc = a.to(dt), b.to(dt)
-        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-        batch = _broadcast(a.shape[:-2], b.shape[:-2])
-        ctx.dtypes = (a.dtype, b.dtype)
-        ctx.shapes = (a.shape, b.shape, batch)
-        a2 = _rows(ac) if b.shape[:-2].numel() == 1 else None
-        ctx.flat = a2 is not None
-        need_a, need_b = ctx.needs_input_grad[:2]
-        if ctx.flat:  # (..., M, K) @ (K, N): one 2-D GEMM over all rows
-            b2 = bc.view(k, n)
-            ctx.save_for_backward(a2 if need_b else None, b2 if need_a else None)
-            return gemm(a2, b2, dt).c.view(*batch, m, n)
-        x = ac.expand(*batch, m, k)
-        y = bc.expand(*batch, k, n)
-        ctx.save_for_backward(x if need_b else None, y if need_a else None)
-        return _batched_gemm(x, y, [True] * len(batch), dt).view(*batch, m, n)
+        return _matmul_forward(ctx, a, b)
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
@@ -192,23 +205,32 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"the batch dimensions of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} "
             "do not broadcast"
         )
+    if not _records_grad(a, b):
+        return _matmul_forward(None, a, b)
     return MatmulFunction.apply(a, b)
+
+
+def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
+    """activation(x W^T + b), and with an autograd ``ctx`` what its backward needs, act'(Z)
+    included (ctx None: no graph is recorded, nothing is saved)."""
+    dt = _compute_dtype(x)
+    xc, wc, bc = x.to(dt), weight.to(dt), _cast(bias, dt)
+    x2 = xc.reshape(-1, x.shape[-1])
+    y2, dact = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
+                    save_dact=ctx is not None and activation is not None)
+    if ctx is not None:
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, dact)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.x_shape = x.shape
+    return y2.view(*x.shape[:-1], weight.shape[0])
 
 
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
-    def forward(ctx, x, weight, bias, activation: str | None, keep_dact: bool) -> torch.Tensor:
-        dt = _compute_dtype(x)
-        xc, wc, bc = x.to(dt), weight.to(dt), _cast(bias, dt)
-        x2 = xc.reshape(-1, x.shape[-1])
-        y2, dact = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
-                        save_dact=keep_dact and activation is not None)
-        need_x, need_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, dact)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.x_shape = x.shape
-        return y2.view(*x.shape[:-1], weight.shape[0])
+    def forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
+        return _linear_forward(ctx, x, weight, bias, activation)
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
@@ -226,7 +248,7 @@ class LinearFunction(torch.autograd.Function):
             dx = gemm(dz, wc, x_dtype).c.view(ctx.x_shape)
         if need_w:  # dW = dZ^T X, reduced over every row in fp32
             dw = gemm(dz.t(), x2, w_dtype).c
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
 def linear(
@@ -269,7 +291,6 @@ def linear(
             f"bias must have weight's out_features ({weight.shape[0]}) elements, got "
             f"{tuple(bias.shape)}"
         )
-    keep_dact = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    return LinearFunction.apply(x, weight, bias, activation, keep_dact)
+    if not _records_grad(x, weight, bias):
+        return _linear_forward(None, x, weight, bias, activation)
+    return LinearFunction.apply(x, weight, bias, activation)
