@@ -234,3 +234,33 @@ def test_attention_gpu(b, h, sq, skv, d, dtype, causal, alibi):
 @requires_gpu
 def test_attention_gpu_non_contiguous():
     check_attention(2, 8, 2048, 2048, 128, torch.bfloat16, True, True, layout="bshd")
+
+
+def test_deterministic_dq():
+    """dQ by fp32 reduce-adds (order varies) unless torch.use_deterministic_algorithms asks
+    for a fixed order, then by its own kernel."""
+    from tritonformer.kernels.attention import config_for
+
+    assert config_for(64, torch.float16, True)[1].dq_atomic
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not config_for(64, torch.float16, True)[1].dq_atomic
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@gpu
+@requires_gpu
+def test_attention_deterministic_gpu():
+    """Under torch.use_deterministic_algorithms the gradients are bitwise repeatable."""
+    q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))  # fmt: skip
+    do = torch.randn_like(q)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = [torch.autograd.grad(ops.attention(q, k, v), (q, k, v), do)
+                 for _ in range(2)]  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

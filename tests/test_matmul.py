@@ -328,6 +328,33 @@ def test_weight_gradient_shape_gpu(dtype):
 
 @gpu
 @requires_gpu
+def test_split_k_gpu():
+    """Weight-gradient shapes through split-K, as chosen on this GPU (TMA reduce-adds on sm_90,
+    a workspace under torch.use_deterministic_algorithms): against float64, every output
+    dtype, accumulating into an fp32 C, and bitwise repeatable when deterministic."""
+    for d_in, d_out in ((768, 768), (1000, 520)):
+        dy, x = randn(16384, d_out, dtype=torch.bfloat16), randn(16384, d_in, dtype=torch.bfloat16)
+        ref = dy.double().t() @ x.double()
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det)
+            try:
+                r1 = km.gemm(dy.t(), x, torch.bfloat16).c
+                r32 = km.gemm(dy.t(), x, torch.float32).c
+                c0 = randn(d_out, d_in)
+                acc = km.gemm(dy.t(), x, torch.float32, out=c0.clone(), accumulate=True).c
+                again = km.gemm(dy.t(), x, torch.bfloat16).c
+            finally:
+                torch.use_deterministic_algorithms(False)
+            name = f"dW {d_out}x{d_in} deterministic={det}"
+            assert_close(r1, ref, dy.t() @ x, name)
+            assert_close(r32, ref, dy.float().t() @ x.float(), name + " fp32")
+            assert_close(acc, c0.double() + ref, c0 + dy.float().t() @ x.float(), name + " acc")
+            if det:
+                assert torch.equal(r1, again)
+
+
+@gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_layouts_gpu(dtype):
     check_matmul((4096, 1000), (1000, 1032), dtype, ta=True, tb=True)  # TMA, both transposed

@@ -105,9 +105,13 @@ def config_for(head_dim: int, dtype: torch.dtype, causal: bool) -> tuple[FwdConf
     """The (forward, backward) tuning entry for this head dim, dtype and mask.
 
     Under the interpreter: INTERPRET_CONFIG's blocks with the compiled entry's dQ strategy, so
-    the CPU tests run both the dQ kernel and the dQ reduce-adds.
+    the CPU tests run both the dQ kernel and the dQ reduce-adds. The reduce-adds sum dQ in an
+    order that varies from run to run: under ``torch.use_deterministic_algorithms(True)`` the
+    dQ kernel runs instead.
     """
     fwd, bwd = CONFIGS[(block_d(head_dim), _32 if dtype == torch.float32 else _16, causal)]
+    if torch.are_deterministic_algorithms_enabled():
+        bwd = bwd._replace(dq_atomic=False)
     if INTERPRET:
         return INTERPRET_CONFIG[0], INTERPRET_CONFIG[1]._replace(dq_atomic=bwd.dq_atomic)
     return fwd, bwd

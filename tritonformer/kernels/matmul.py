@@ -21,7 +21,11 @@ use IEEE products, or, when TF32 is allowed, TF32 tensor cores fed operands roun
 Both split K across programs when the output has too few tiles to fill the GPU (the
 weight-gradient GEMMs reduce every token into a small d x d output): each split writes its
 fp32 partial tile to a workspace and ``reduce_splits_kernel`` sums the splits in fp32 and
-writes the output dtype (deterministic: no atomics on C).
+writes the output dtype (deterministic: no atomics on C). The compiled TMA kernel instead
+adds each split's tile into one fp32 (M, N) sum with a TMA reduce-add, in L2 (C itself when
+C is fp32, else a buffer the reduction kernel then casts): less memory traffic, so more splits
+pay, but the order of the fp32 additions varies from run to run, as in torch's own atomic
+kernels; under ``torch.use_deterministic_algorithms(True)`` it takes the workspace path.
 
 Operands go from shared memory straight into the tensor cores: nothing is applied to A on
 its way in (doing dY * act'(Z) there, through registers, ran at ~0.3x a plain GEMM on the
@@ -49,6 +53,7 @@ from ..runtime import (
     empty,
     fp32_uses_tf32,
     is_hopper,
+    launch,
     num_sms,
 )
 from .activations import activation, activation_grad
@@ -73,10 +78,12 @@ class GemmConfig:
 #   operand class: "16bit" (fp16/bf16), "tf32", "ieee" (fp32 without TF32).
 #   shape class:   "plain" (C = A @ B), "epilogue" (bias and/or activation).
 # Chosen by scripts/tune_matmul.py on an H200 (bf16, 16384-token GPT shapes; the numbers are
-# in docs/perf/matmul.md).
+# in docs/perf/matmul.md); "plain" group_m 16 from scripts/probe_gemm.py on an H100 (the LM
+# head forward 0.95x -> 1.0x of cuBLAS, the other forward/dX shapes unchanged).
 # The interpreter entry uses few, large blocks: it pays per program and per op.
 TMA_CONFIGS: dict[tuple[str, str], GemmConfig] = {
-    ("16bit", "plain"): GemmConfig(128, 256, 64, num_stages=4, num_warps=8, epilogue_split=4),
+    ("16bit", "plain"): GemmConfig(128, 256, 64, num_stages=4, num_warps=8, group_m=16,
+                                   epilogue_split=4),
     ("16bit", "epilogue"): GemmConfig(128, 256, 64, num_stages=3, num_warps=8, epilogue_split=2),
     ("tf32", "plain"): GemmConfig(128, 256, 32, num_stages=3, num_warps=8, epilogue_split=2),
     ("tf32", "epilogue"): GemmConfig(128, 128, 32, num_stages=3, num_warps=8, epilogue_split=2),
@@ -97,13 +104,14 @@ INTERPRET_CONFIG = GemmConfig(256, 256, 256, num_stages=1, num_warps=4)
 DZ_BLOCK = (256, 256) if INTERPRET else (32, 128)
 DZ_PROGRAMS_PER_SM = 4
 
-# Split-K cost model (units: one BLOCK_K step of one tile): writing a split's fp32 tile and
-# reading it back in the reduction cost about REDUCE_STEPS steps, the reduce launch
-# FIXED_STEPS. REDUCE_STEPS = 16 picks the best of the splits timed on the H200 for every
-# d_model 768/1024/2048 weight-gradient shape (2 for 54 tiles, 3 for 72, 4 for 32, 7 for 18,
-# 1 for 128); see docs/perf/matmul.md.
-REDUCE_STEPS = 16
-FIXED_STEPS = 8
+# Split-K cost model (units: one BLOCK_K step of one 128 x 256 tile): each wave of split
+# tiles costs about REDUCE_STEPS more (its fp32 partial tiles stored or reduce-added, the
+# pipeline drained and refilled), and splitting at all FIXED_STEPS (zeroing, the reduction or
+# cast launch). Fitted to forced splits of the d_model 768-2048 weight-gradient shapes on an
+# H100 (docs/perf/matmul.md): it picks the fastest split of each (7 for 18 tiles, 4 for 32,
+# 2 for 54, 3 for 72, 1 for 96 and more).
+REDUCE_STEPS = 20
+FIXED_STEPS = 28
 MAX_SPLIT_K = 16
 MIN_STEPS_PER_SPLIT = 4
 # The TMA kernel's epilogue staging buffers (C, plus D when stored, plus C read back when
@@ -177,14 +185,17 @@ def _halves(x, BM: tl.constexpr, WIDTH: tl.constexpr):
 @triton.jit
 def _tma_store_slice(acc, c_desc, d_desc, bias_ptr, row, on, N,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_DACT: tl.constexpr,
-                     ACCUMULATE: tl.constexpr, BN_SLICE: tl.constexpr):
+                     ACCUMULATE: tl.constexpr, REDUCE_ADD: tl.constexpr, BN_SLICE: tl.constexpr):
     y, dact = _epilogue(acc, bias_ptr, on + tl.arange(0, BN_SLICE), N, HAS_BIAS, ACTIVATION,
                         SAVE_DACT)
     if ACCUMULATE:  # C += A @ B (plain GEMMs only: no bias or activation)
         y += c_desc.load([row, on]).to(tl.float32)
     if SAVE_DACT:
         d_desc.store([row, on], dact.to(d_desc.dtype))
-    c_desc.store([row, on], y.to(c_desc.dtype))
+    if REDUCE_ADD:  # a split's partial sum, added in L2 (fp32 C)
+        c_desc.atomic_add([row, on], y)
+    else:
+        c_desc.store([row, on], y.to(c_desc.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,17 +207,19 @@ def _tma_store_slice(acc, c_desc, d_desc, bias_ptr, row, on, N,
 def gemm_tma_kernel(
     a_desc,  # A (M, K), block [BM, BK]; with A_T its storage (K, M), block [BK, BM]
     b_desc,  # B (K, N), block [BK, BN]; with B_T its storage (N, K), block [BN, BK]
-    c_desc,  # C (M, N), or with SPLIT_K > 1 the fp32 workspace (SPLIT_K * ws_rows, N);
+    c_desc,  # C (M, N); with SPLIT_K > 1 the fp32 workspace (SPLIT_K * ws_rows, N), or with
+             # REDUCE_ADD an fp32 (M, N) sum the splits are added into;
              # block [BM, BN // EPI_SPLIT]
     d_desc,  # D = activation'(Z) (M, N), block like c_desc (SAVE_DACT), else None
     bias_ptr,  # bias (N,) (HAS_BIAS)
     M, N, K,  # problem size
     steps_per_split,  # BK steps of K per split (all splits equal; TMA zero-fills past K)
-    ws_rows,  # workspace rows per split (M rounded up to BM); 0 without split
+    ws_rows,  # workspace rows per split (M rounded up to BM); 0 without one
     A_T: tl.constexpr, B_T: tl.constexpr,  # operand given through its transposed storage
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_DACT: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # C += the product (SPLIT_K == 1; plain GEMMs)
     SPLIT_K: tl.constexpr,
+    REDUCE_ADD: tl.constexpr,  # splits reduce-add into c_desc (TMA, in L2; order varies)
     ROUND_TF32: tl.constexpr,  # fp32 operands: round to TF32 for TF32 tensor cores
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands: "tf32" or "ieee"
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -247,25 +260,25 @@ def gemm_tma_kernel(
         on = pid_n * BN
         if EPI_SPLIT == 1:
             _tma_store_slice(acc, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN)
         elif EPI_SPLIT == 2:
             acc0, acc1 = _halves(acc, BM, BN)
             _tma_store_slice(acc0, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 2)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 2)
             _tma_store_slice(acc1, c_desc, d_desc, bias_ptr, row, on + BN // 2, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 2)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 2)
         else:
             acc0, acc1 = _halves(acc, BM, BN)
             acc00, acc01 = _halves(acc0, BM, BN // 2)
             acc10, acc11 = _halves(acc1, BM, BN // 2)
             _tma_store_slice(acc00, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc01, c_desc, d_desc, bias_ptr, row, on + BN // 4, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc10, c_desc, d_desc, bias_ptr, row, on + BN // 2, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc11, c_desc, d_desc, bias_ptr, row, on + 3 * (BN // 4), N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,14 +501,16 @@ class _Plan(NamedTuple):
     split: int
     steps: int  # BK steps per split
     ws_rows: int  # workspace rows per split and batch matrix
+    reduce_add: bool  # the splits are summed by TMA reduce-adds into one fp32 (M, N) tensor
     descs: tuple  # TMA: (A's, B's (transposed?, shape, strides, block)), C's and D's blocks
     grid: tuple[int, int]
-    flags: dict
+    constexprs: dict  # the kernel's constexpr arguments, in signature order
+    options: dict  # num_warps, num_stages
 
 
 def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bias: bool,
                act: str, save_dact: bool, accumulate: bool, config: GemmConfig | None,
-               use_tma: bool | None) -> _Plan:
+               use_tma: bool | None, deterministic: bool) -> _Plan:
     batched = a.dim() == 5
     if batched:
         o0, o1, r, m, k = a.shape
@@ -519,14 +534,16 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     tiles = cdiv(m, bm) * cdiv(n, bn)
     k_steps = r * cdiv(k, bk)
     sms = num_sms(device_index(a))
+    # TMA kernel: splits summed by reduce-adds in L2 (compiled, order not fixed) unless
+    # torch.use_deterministic_algorithms asks for a fixed order (a workspace and a reduction)
     split = 1 if epilogue else config.split_k or split_k_for(tiles * o0 * o1, k_steps, sms)
     steps = cdiv(k_steps, split)
     split = cdiv(k_steps, steps)  # no empty splits
+    reduce_add = use_tma and split > 1 and not (INTERPRET or deterministic)
     flags = dict(HAS_BIAS=has_bias, ACTIVATION=act, SAVE_DACT=save_dact,
-                 ACCUMULATE=accumulate and split == 1, SPLIT_K=split,
+                 ACCUMULATE=accumulate and split == 1, SPLIT_K=split, REDUCE_ADD=reduce_add,
                  ROUND_TF32=op_class == "tf32", PRECISION="ieee" if op_class == "ieee" else "tf32",
-                 BM=bm, BN=bn, BK=bk, GROUP_M=config.group_m,
-                 num_stages=config.num_stages, num_warps=config.num_warps)
+                 BM=bm, BN=bn, BK=bk, GROUP_M=config.group_m)
     descs: tuple = ()
     if use_tma:
         epi = config.epilogue_split
@@ -547,13 +564,26 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
         if o0 * o1 > 65535:
             raise ValueError(f"at most 65535 batch matrices per launch, got {o0 * o1}")
         grid = (tiles * split, o0 * o1)
+    kernel = gemm_tma_kernel if use_tma else gemm_kernel
+    constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
+    options = dict(num_stages=config.num_stages, num_warps=config.num_warps)
     return _Plan(use_tma, batched, (o0, o1, r, m, n, k), (o0, o1, m, n) if batched else (m, n),
-                 split, steps, cdiv(m, bm) * bm if use_tma else m, descs, grid, flags)
+                 split, steps, cdiv(m, bm) * bm if use_tma else m, reduce_add, descs, grid,
+                 constexprs, options)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
 #: same few dozen GEMMs, and planning one costs more CPU time than launching it.
 _PLANS: dict[tuple, _Plan] = {}
+
+
+def _descriptor(base: torch.Tensor, shape: list[int], strides: list[int],
+                block: list[int]) -> TensorDescriptor:
+    """A host TMA descriptor of a layout ``_tma_layout`` has checked (TensorDescriptor's own
+    constructor validates it again, ~3 us of host time per descriptor)."""
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = base, shape, strides, block, "zero"
+    return d
 
 
 def gemm(
@@ -593,15 +623,20 @@ def gemm(
     act = activation_name or "none"
     if accumulate and (out is None or bias is not None or act != "none" or save_dact):
         raise ValueError("accumulate=True needs out= and a plain product (no bias/activation)")
+    # everything that decides the plan and the launch's specialisation (so that the compiled
+    # kernel can be launched directly, see runtime.launch)
     key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, out_dtype, a.device,
-           a.data_ptr() % 16, b.data_ptr() % 16, bias is not None, act, save_dact, accumulate,
-           config, use_tma, fp32_uses_tf32())
+           a.data_ptr() % 16, b.data_ptr() % 16, None if bias is None else bias.dtype,
+           None if bias is None else bias.data_ptr() % 16,
+           None if out is None else out.data_ptr() % 16, act, save_dact, accumulate,
+           config, use_tma, fp32_uses_tf32(), torch.are_deterministic_algorithms_enabled())
+    # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:  # many shapes (variable lengths): start over, stay bounded
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(a, b, out_dtype, bias is not None, act, save_dact,
-                                        accumulate, config, use_tma)
+                                        accumulate, config, use_tma, key[-1])
     o0, o1, r, m, n, k = plan.dims
     split = plan.split
     dev = a.device
@@ -613,19 +648,27 @@ def gemm(
     else:
         c = out
     d = empty(plan.out_shape, out_dtype, dev) if save_dact else None
-    ws = empty((split, o0, o1, plan.ws_rows, n), torch.float32, dev) if split > 1 else None
+    ws = None
+    if plan.reduce_add:  # one fp32 sum: C itself when fp32, else a buffer cast below
+        if out_dtype == torch.float32:
+            ws = c if accumulate else c.zero_()
+        else:
+            ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
+    elif split > 1:
+        ws = empty((split, o0, o1, plan.ws_rows, n), torch.float32, dev)
     if plan.tma:
         a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
         (sa, sb, out_block) = plan.descs
-        target = c.view(m, n) if split == 1 else ws.view(split * plan.ws_rows, n)
-        gemm_tma_kernel[plan.grid](
-            TensorDescriptor(a2, *sa),
-            TensorDescriptor(b2, *sb),
-            TensorDescriptor(target, [target.shape[0], n], [n, 1], out_block),
-            None if d is None else TensorDescriptor(d.view(m, n), [m, n], [n, 1], out_block),
-            bias, m, n, k, plan.steps, plan.ws_rows if split > 1 else 0,
-            **plan.flags,
-        )
+        if split == 1:
+            target = c.view(m, n)
+        else:
+            target = ws.view(m if plan.reduce_add else split * plan.ws_rows, n)
+        args = (_descriptor(a2, *sa), _descriptor(b2, *sb),
+                _descriptor(target, [target.shape[0], n], [n, 1], out_block),
+                None if d is None else _descriptor(d.view(m, n), [m, n], [n, 1], out_block),
+                bias, m, n, k, plan.steps,
+                plan.ws_rows if split > 1 and not plan.reduce_add else 0)  # fmt: skip
+        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=key, **plan.options)
     else:
         a_strides = a.stride() if plan.batched else (0, 0, 0, *a.stride())
         b_strides = b.stride() if plan.batched else (0, 0, 0, *b.stride())
@@ -634,18 +677,15 @@ def gemm(
         else:
             target, s_split = c, 0
             c_strides = c.stride() if plan.batched else (0, 0, *c.stride())
-        gemm_kernel[plan.grid](
-            a, b, target, d, bias,
-            m, n, k, r, o1, plan.steps,
-            *a_strides, *b_strides, *c_strides, s_split,
-            **plan.flags,
-        )
-    if split > 1:
+        args = (a, b, target, d, bias, m, n, k, r, o1, plan.steps,
+                *a_strides, *b_strides, *c_strides, s_split)  # fmt: skip
+        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=key, **plan.options)
+    if split > 1 and ws is not c:  # sum the workspace's splits, or cast the fp32 sum
         n_out = o0 * o1 * m * n
-        reduce_splits_kernel[(cdiv(n_out, REDUCE_BLOCK),)](
-            ws, c, n_out, m * n, plan.ws_rows * n, o0 * o1 * plan.ws_rows * n,
-            ACCUMULATE=accumulate, SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=8,
-        )
+        rows, splits = (m, 1) if plan.reduce_add else (plan.ws_rows, split)
+        launch(reduce_splits_kernel, cdiv(n_out, REDUCE_BLOCK),
+               (ws, c, n_out, m * n, rows * n, o0 * o1 * rows * n),
+               dict(ACCUMULATE=accumulate, SPLIT_K=splits, BLOCK=REDUCE_BLOCK), num_warps=8)
     return GemmResult(c, d)
 
 
@@ -654,11 +694,10 @@ def _dz_launch(dy: torch.Tensor, g: torch.Tensor | None, dz: torch.Tensor | None
     m, n = dy.shape
     bm, bn = DZ_BLOCK
     gs = g.stride() if g is not None else (0, 0)
-    dz_dbias_kernel[(cdiv(n, bn), cdiv(m, rows_per_range))](
-        dy, g, dz, sums, m, n, rows_per_range, *dy.stride(), *gs,
-        A_MUL=g is not None, DZ_OUT=dz is not None, SUMS=sums is not None,
-        BM=bm, BN=bn, num_warps=4,
-    )
+    launch(dz_dbias_kernel, (cdiv(n, bn), cdiv(m, rows_per_range)),
+           (dy, g, dz, sums, m, n, rows_per_range, *dy.stride(), *gs),
+           dict(A_MUL=g is not None, DZ_OUT=dz is not None, SUMS=sums is not None, BM=bm, BN=bn),
+           num_warps=4)
 
 
 def dz_and_dbias(
