@@ -10,9 +10,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 # Both tiers on the GPU: small odd shapes (all dtypes) and the real sizes; with pytest-xdist,
-# in JOBS processes sharing the GPU (about 3 minutes with 5 on an H200).
+# in JOBS processes sharing the GPU (default: one per 28 GiB of it, 5 on an H200 (about 3
+# minutes), 2 on an 80 GB H100: more run out of memory).
 par=()
-python3 -c "import xdist" 2>/dev/null && par=(-n "${JOBS:-5}")
+jobs=${JOBS:-$(python3 -c "import torch; print(max(1, torch.cuda.get_device_properties(0).total_memory // (28 << 30)))")}
+python3 -c "import xdist" 2>/dev/null && par=(-n "$jobs")
 python3 -m pytest -m "gpu or not gpu" -q -rfEs -p no:cacheprovider "${par[@]}" "$@" 2>&1 \
   | tee "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
