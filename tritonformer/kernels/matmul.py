@@ -534,11 +534,11 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     tiles = cdiv(m, bm) * cdiv(n, bn)
     k_steps = r * cdiv(k, bk)
     sms = num_sms(device_index(a))
-    # TMA kernel: splits summed by reduce-adds in L2 (compiled, order not fixed) unless
-    # torch.use_deterministic_algorithms asks for a fixed order (a workspace and a reduction)
     split = 1 if epilogue else config.split_k or split_k_for(tiles * o0 * o1, k_steps, sms)
     steps = cdiv(k_steps, split)
     split = cdiv(k_steps, steps)  # no empty splits
+    # TMA kernel: splits summed by reduce-adds in L2 (compiled, order not fixed) unless
+    # torch.use_deterministic_algorithms asks for a fixed order (a workspace and a reduction)
     reduce_add = use_tma and split > 1 and not (INTERPRET or deterministic)
     flags = dict(HAS_BIAS=has_bias, ACTIVATION=act, SAVE_DACT=save_dact,
                  ACCUMULATE=accumulate and split == 1, SPLIT_K=split, REDUCE_ADD=reduce_add,
@@ -630,7 +630,6 @@ def gemm(
            None if bias is None else bias.data_ptr() % 16,
            None if out is None else out.data_ptr() % 16, act, save_dact, accumulate,
            config, use_tma, fp32_uses_tf32(), torch.are_deterministic_algorithms_enabled())
-    # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:  # many shapes (variable lengths): start over, stay bounded
