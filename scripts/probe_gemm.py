@@ -14,15 +14,12 @@ import sys
 
 import torch
 import triton
+from tune_matmul import T, dw, dx, linear_fwd  # the same problems (scripts/ is on the path)
 
 from tritonformer.kernels import matmul as km
 from tritonformer.kernels.matmul import GemmConfig
 
-T = 16384
-
-
-def rn(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)
+MAKERS = {"fwd": linear_fwd, "dX": dx, "dW": dw}
 
 
 def gpu_ms(fn):
@@ -45,20 +42,9 @@ def label(c):
             f"e{c.epilogue_split} split{c.split_k}")
 
 
-def problem(kind, d_in, d_out):
-    if kind == "fwd":
-        x, w = rn(T, d_in), rn(d_out, d_in, scale=d_in**-0.5)
-        return x, w.t(), (lambda: x @ w.t())
-    if kind == "dX":
-        dy, w = rn(T, d_out), rn(d_out, d_in, scale=d_out**-0.5)
-        return dy, w, (lambda: dy @ w)
-    dy, x = rn(T, d_out, scale=0.1), rn(T, d_in)
-    return dy.t(), x, (lambda: dy.t() @ x)
-
-
 def sweep(kind, d_in, d_out, configs):
-    a, b, ref = problem(kind, d_in, d_out)
-    flops = 2.0 * T * d_in * d_out
+    p = MAKERS[kind](T, d_in, d_out)()
+    a, b, ref, flops = p["a"], p["b"], p["torch"], p["flops"]
     base = gpu_ms(ref)
     want = ref()
     print(f"-- {kind} {d_in}->{d_out}: cuBLAS {base * 1e3:7.1f} us {flops / base / 1e9:5.0f} TF/s",
