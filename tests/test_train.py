@@ -265,6 +265,22 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, corpus):
         assert abs(lb[s] - la[s]) <= 1e-5 * abs(lb[s]), (s, lb[s], la[s])
 
 
+def test_backward_runs_on_the_calling_thread(tmp_path, corpus, monkeypatch):
+    # the trainer turns off autograd's device-thread hand-off for its backward passes
+    seen = []
+    backward = torch.autograd.backward
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", spy)
+    args = ["train", "--data", corpus, "--steps", "2", "--eval-interval", "2", *SMALL]
+    assert run_cli(*args, "--grad-accum", "2", "--out-dir", tmp_path / "run") == 0
+    assert seen == [False] * 4
+    assert torch._C._is_multithreading_enabled()  # restored afterwards
+
+
 def test_tokenizer_json_and_missing_tiktoken(tmp_path, corpus, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import KERNEL_BENCHMARKS
-from .harness import append_csv, device_copy, environment
+from .harness import append_csv, backward_thread, device_copy, environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
         "ops", nargs="*", help=f"op families (default: all of {list(KERNEL_BENCHMARKS)})"
     )
     p.add_argument("--csv", default="benchmarks/results.csv", help="CSV the rows are appended to")
+    p.add_argument("--autograd-device-thread", action="store_true",
+                   help="run backward passes on autograd's device thread (PyTorch's default) "
+                   "instead of the calling thread")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA device", file=sys.stderr)
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in args.ops if o not in KERNEL_BENCHMARKS]
     if unknown:
         p.error(f"unknown op(s) {unknown}; choose from {list(KERNEL_BENCHMARKS)}")
+    backward_thread(calling=not args.autograd_device_thread)
     print(environment(), flush=True)
     results = [device_copy()]
     for op in args.ops or list(KERNEL_BENCHMARKS):

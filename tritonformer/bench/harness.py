@@ -6,6 +6,12 @@ appends the rows to a CSV keyed by GPU name and library versions. Timings are th
 (with 20th/80th percentiles) of many warm runs timed with CUDA events
 (``triton.testing.do_bench``); baselines (PyTorch eager, torch.compile) are re-run in the
 same process on the same card.
+
+Backward passes run on the calling thread (``backward_thread``), as in the trainer: PyTorch's
+default hands every backward of a CUDA graph to autograd's per-device thread, where the
+Python backward of a Triton op runs 2-3x slower than on the caller (cold caches, thread
+switches; docs/perf/layer_norm_softmax.md), while PyTorch's C++ backward nodes do not care.
+``--autograd-device-thread`` keeps PyTorch's default; every row records which was used.
 """
 
 from __future__ import annotations
@@ -39,8 +45,15 @@ class Result:
     extra_mem_gib: float  # peak memory beyond the inputs, in GiB (nan if not measured)
 
 
+def backward_thread(calling: bool) -> None:
+    """Run this thread's backward passes on itself (``calling``) or on autograd's device
+    threads (PyTorch's default)."""
+    torch.autograd.set_multithreading_enabled(not calling)
+
+
 def environment() -> dict[str, str]:
-    """The keys every row is stored under: GPU, versions, date."""
+    """The keys every row is stored under: GPU, versions, date, and the thread backward
+    passes run on."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return {
         "gpu": gpu,
@@ -48,6 +61,8 @@ def environment() -> dict[str, str]:
         "triton": triton.__version__,
         "cuda": str(torch.version.cuda),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "backward": "autograd-device-thread" if torch._C._is_multithreading_enabled()
+        else "calling-thread",
     }
 
 
@@ -124,14 +139,24 @@ def device_copy(n_bytes: int = 2 * GiB) -> Result:
 
 
 def append_csv(results: list[Result], path: str) -> None:
-    """Append rows, each with the environment keys, to the CSV at ``path``."""
+    """Append rows, each with the environment keys, to the CSV at ``path``. A file written
+    with fewer columns is rewritten first with the new header (its rows keep their values,
+    the new columns left empty)."""
     env = environment()
     fields = list(env) + [f.name for f in dataclasses.fields(Result)]
-    new = not os.path.exists(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a", newline="") as f:
+    old: list[dict] | None = None
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:
+                old = list(reader)
+                fields += [c for c in reader.fieldnames or () if c not in fields]
+    new = old is not None or not os.path.exists(path)
+    with open(path, "w" if old is not None else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
+        w.writerows(old or ())
         for r in results:
             w.writerow({**env, **dataclasses.asdict(r)})

@@ -20,7 +20,7 @@ import torch
 from ..model import Transformer, TransformerConfig
 from ..runtime import no_value_checks
 from ..train import GraphedStep
-from .harness import GiB, environment, time_ms
+from .harness import GiB, backward_thread, environment, time_ms
 
 #: (preset, sequence length, batch size)
 CONFIGS = [
@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", help="subset, e.g. 'gpt2:1024:16'")
     p.add_argument("--providers", nargs="*", choices=ALL_PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--out", default="benchmarks/model", help="prefix of .md/.json/.png outputs")
+    p.add_argument("--autograd-device-thread", action="store_true",
+                   help="run backward passes on autograd's device thread (PyTorch's default) "
+                   "instead of the calling thread, as the trainer does")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the model benchmark needs a CUDA device", file=sys.stderr)
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         else CONFIGS
     )
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    backward_thread(calling=not a.autograd_device_thread)
     env = environment()
     print(env, flush=True)
     rows = [r for c in configs for r in bench_config(*c, dtype, tuple(a.providers))]
