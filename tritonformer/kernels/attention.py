@@ -92,6 +92,14 @@ CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
     (256, _32, True): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
     (256, _32, False): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
 }
+# The forward with folded ALiBi (ALIBI == 2) at BLOCK_D 64: its extra FADD per score moves the
+# balance to a deeper pipeline, and at short key lengths to narrower key blocks. Rows
+# (longest Skv, config), first match wins. Swept on an H200 (docs/perf/attention.md, v3):
+# ALiBi over plain causal +24/+24/+20/+15% at S = 1k/2k/4k/8k with the plain entry, +4/+10/+9/+8%
+# with these.
+ALIBI_FWD_CONFIGS: dict[int, tuple[tuple[int, FwdConfig], ...]] = {
+    64: ((1024, FwdConfig(64, 32, 4, 3)), (2**62, FwdConfig(64, 64, 4, 3))),
+}
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels
 
@@ -101,15 +109,21 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def config_for(head_dim: int, dtype: torch.dtype, causal: bool) -> tuple[FwdConfig, BwdConfig]:
-    """The (forward, backward) tuning entry for this head dim, dtype and mask.
+def config_for(head_dim: int, dtype: torch.dtype, causal: bool,
+               folded_alibi_skv: int | None = None) -> tuple[FwdConfig, BwdConfig]:
+    """The (forward, backward) tuning entry for this head dim, dtype and mask;
+    ``folded_alibi_skv``, the key length when the forward runs folded ALiBi, selects its
+    forward from ALIBI_FWD_CONFIGS where that has rows for the head dim.
 
     Under the interpreter: INTERPRET_CONFIG's blocks with the compiled entry's dQ strategy, so
     the CPU tests run both the dQ kernel and the dQ reduce-adds. The reduce-adds sum dQ in an
     order that varies from run to run: under ``torch.use_deterministic_algorithms(True)`` the
     dQ kernel runs instead.
     """
-    fwd, bwd = CONFIGS[(block_d(head_dim), _32 if dtype == torch.float32 else _16, causal)]
+    bd = block_d(head_dim)
+    fwd, bwd = CONFIGS[(bd, _32 if dtype == torch.float32 else _16, causal)]
+    if folded_alibi_skv is not None:
+        fwd = next((c for n, c in ALIBI_FWD_CONFIGS.get(bd, ()) if folded_alibi_skv <= n), fwd)
     if torch.are_deterministic_algorithms_enabled():
         bwd = bwd._replace(dq_atomic=False)
     if INTERPRET:
@@ -641,7 +655,8 @@ def attention_fwd(
     SKV = k.shape[2]
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
-    cfg, _ = config_for(D, q.dtype, causal)
+    alibi = _alibi_mode(slopes, causal, q.dtype)
+    cfg, _ = config_for(D, q.dtype, causal, SKV if alibi == 2 else None)
     triton.set_allocator(_scratch)
     grid = (triton.cdiv(SQ, cfg.block_m), B * H)
     attn_fwd_kernel[grid](
@@ -649,8 +664,7 @@ def attention_fwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, SQ, SKV, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, ALIBI=_alibi_mode(slopes, causal, q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
