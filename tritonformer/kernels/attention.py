@@ -2,10 +2,10 @@
 
 Shapes: q (B, H, Sq, D), k and v (B, H, Skv, D), any strides whose last is 1 and whose others
 are multiples of 16 bytes (``ops.attention`` copies anything else). Each program works on one
-(batch, head) and reads its tiles through tensor descriptors (TMA on Hopper) made in the kernel
-from that head's base pointer (offsets of batch and head in int64) and sequence stride; the
-descriptors zero-fill rows past Sq/Skv and columns past D, so D is padded to the power of two
-BLOCK_D without any masked load.
+(batch, head) and reads and writes its tiles through 4-D tensor descriptors over (B, H, S, D)
+made on the host (TMA on Hopper; boxes [1, 1, rows, BLOCK_D]), so a program sets nothing up;
+they zero-fill rows past Sq/Skv and columns past D (stores are clipped there), so D is padded
+to the power of two BLOCK_D without any masked load.
 
 Conventions shared by every kernel here (log2 domain: exp2 with log2(e) folded into scales):
 - diag = Skv - Sq: query i sees keys j <= i + diag when causal (the mask aligned bottom-right).
@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..runtime import INTERPRET, empty
 
@@ -61,21 +62,23 @@ class BwdConfig(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Tuning table, keyed by (BLOCK_D = D padded to a power of two, dtype, causal). fp16 and bf16
 # share entries (same element size, same tensor-core rate). BLOCK_D 64 and 128, causal: swept
-# on the lent GPU (an H200 both times; docs/perf/attention.md, scripts/tune_attention.py);
-# 16 and 32 take the 64 entry, the full-mask entries the causal ones; 256 and fp32 were sized
-# offline (sm_90 compiles: shared memory, registers, spills), not timed. One warpgroup per
-# program with 64-row tiles won: two programs share an SM and hide each other's softmax.
+# on the lent GPU (H200s, docs/perf/attention.md, scripts/tune_attention.py; the forward again
+# on an H100 once the descriptors moved to the host, v3: 3 stages at BLOCK_D 64, which also
+# keeps ALiBi's extra FADD per score within 5-8%); 16 and 32 take the 64 entry, the full-mask
+# entries the causal ones; 256 and fp32 were sized offline (sm_90 compiles: shared memory,
+# registers, spills), not timed. One warpgroup per program with 64-row tiles won: two
+# programs share an SM and hide each other's softmax.
 # Under the interpreter one entry serves all: few, large blocks.
 # ---------------------------------------------------------------------------------------------
 _16 = "16-bit"
 _32 = "fp32"
 CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
-    (16, _16, True): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
-    (16, _16, False): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
-    (32, _16, True): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
-    (32, _16, False): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
-    (64, _16, True): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
-    (64, _16, False): (FwdConfig(64, 64, 4, 2), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (16, _16, True): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (16, _16, False): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (32, _16, True): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (32, _16, False): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (64, _16, True): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
+    (64, _16, False): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3, True, 64, 64, 4, 2)),
     (128, _16, True): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 2, False, 128, 64, 8, 3)),
     (128, _16, False): (FwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 2, False, 128, 64, 8, 3)),
     (256, _16, True): (FwdConfig(128, 64, 8, 2), BwdConfig(32, 64, 8, 1, False, 64, 64, 8, 2)),
@@ -92,14 +95,6 @@ CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
     (256, _32, True): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
     (256, _32, False): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
 }
-# The forward with folded ALiBi (ALIBI == 2) at BLOCK_D 64: its extra FADD per score moves the
-# balance to a deeper pipeline, and at short key lengths to narrower key blocks. Rows
-# (longest Skv, config), first match wins. Swept on an H200 (docs/perf/attention.md, v3):
-# ALiBi over plain causal +24/+24/+20/+15% at S = 1k/2k/4k/8k with the plain entry, +4/+10/+9/+8%
-# with these.
-ALIBI_FWD_CONFIGS: dict[int, tuple[tuple[int, FwdConfig], ...]] = {
-    64: ((1024, FwdConfig(64, 32, 4, 3)), (2**62, FwdConfig(64, 64, 4, 3))),
-}
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels
 
@@ -109,21 +104,15 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def config_for(head_dim: int, dtype: torch.dtype, causal: bool,
-               folded_alibi_skv: int | None = None) -> tuple[FwdConfig, BwdConfig]:
-    """The (forward, backward) tuning entry for this head dim, dtype and mask;
-    ``folded_alibi_skv``, the key length when the forward runs folded ALiBi, selects its
-    forward from ALIBI_FWD_CONFIGS where that has rows for the head dim.
+def config_for(head_dim: int, dtype: torch.dtype, causal: bool) -> tuple[FwdConfig, BwdConfig]:
+    """The (forward, backward) tuning entry for this head dim, dtype and mask.
 
     Under the interpreter: INTERPRET_CONFIG's blocks with the compiled entry's dQ strategy, so
     the CPU tests run both the dQ kernel and the dQ reduce-adds. The reduce-adds sum dQ in an
     order that varies from run to run: under ``torch.use_deterministic_algorithms(True)`` the
     dQ kernel runs instead.
     """
-    bd = block_d(head_dim)
-    fwd, bwd = CONFIGS[(bd, _32 if dtype == torch.float32 else _16, causal)]
-    if folded_alibi_skv is not None:
-        fwd = next((c for n, c in ALIBI_FWD_CONFIGS.get(bd, ()) if folded_alibi_skv <= n), fwd)
+    fwd, bwd = CONFIGS[(block_d(head_dim), _32 if dtype == torch.float32 else _16, causal)]
     if torch.are_deterministic_algorithms_enabled():
         bwd = bwd._replace(dq_atomic=False)
     if INTERPRET:
@@ -137,16 +126,16 @@ def config_for(head_dim: int, dtype: torch.dtype, causal: bool,
 
 
 @triton.jit
-def _head_desc(ptr, off_b, off_h, stride_b, stride_h, stride_s, stride_d, seq_len,
-               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tensor descriptor of one (batch, head) slice [seq_len, HEAD_DIM] of a 4-D tensor.
+def _load(desc, off_b, off_h, row):
+    """The tile at sequence position ``row`` of head (off_b, off_h): [rows, BLOCK_D] of a
+    descriptor whose box is [1, 1, rows, BLOCK_D]."""
+    return desc.load([off_b, off_h, row, 0]).reshape(desc.block_shape[2], desc.block_shape[3])
 
-    The batch/head offset is computed in int64; blocks are [BLOCK_S, BLOCK_D], zero-filled
-    (loads) or clipped (stores) outside [seq_len, HEAD_DIM].
-    """
-    base = ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h
-    return tl.make_tensor_descriptor(base, shape=[seq_len, HEAD_DIM], strides=[stride_s, stride_d],
-                                     block_shape=[BLOCK_S, BLOCK_D])
+
+@triton.jit
+def _store(desc, off_b, off_h, row, x):
+    """Store the [rows, BLOCK_D] tile x at sequence position ``row`` of head (off_b, off_h)."""
+    desc.store([off_b, off_h, row, 0], x.reshape(desc.block_shape))
 
 
 @triton.jit
@@ -167,8 +156,8 @@ def _causal_key_bounds(m0, diag, SKV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _attn_fwd_step(acc, l_i, m_i, qk, desc_v, start_n, rel0, qk_scale, slope2, col,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
+def _attn_fwd_step(acc, l_i, m_i, qk, desc_v, off_b, off_h, start_n, rel0, qk_scale, slope2,
+                   col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key block that every row of the query block fully sees.
 
@@ -193,36 +182,37 @@ def _attn_fwd_step(acc, l_i, m_i, qk, desc_v, start_n, rel0, qk_scale, slope2, c
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = desc_v.load([start_n, 0])
+    v = _load(desc_v, off_b, off_h, start_n)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _attn_fwd_unmasked(acc, l_i, m_i, q, desc_k, desc_v, hi, m0, diag, qk_scale, slope2,
+def _attn_fwd_unmasked(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_h, hi, m0, diag, qk_scale,
+                       slope2,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIBI: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """Online softmax over the fully visible key blocks [0, hi), hi a multiple of BLOCK_N."""
     col = slope2 * tl.arange(0, BLOCK_N).to(tl.float32)
     for start_n in tl.range(0, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        qk = tl.dot(q, desc_k.load([start_n, 0]).T, input_precision=DOT_PRECISION)
-        acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, qk, desc_v, start_n, start_n - m0 - diag,
-                                       qk_scale, slope2, col, BLOCK_M, BLOCK_N, ALIBI,
-                                       DOT_PRECISION)
+        qk = tl.dot(q, _load(desc_k, off_b, off_h, start_n).T, input_precision=DOT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_step(acc, l_i, m_i, qk, desc_v, off_b, off_h, start_n,
+                                       start_n - m0 - diag, qk_scale, slope2, col, BLOCK_M,
+                                       BLOCK_N, ALIBI, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, lo, hi, m0, diag, SKV, qk_scale, slope2,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_h, lo, hi, m0, diag, SKV,
+                     qk_scale, slope2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi) that need the causal or the tail mask."""
     offs_i = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        qk = tl.dot(q, desc_k.load([start_n, 0]).T, input_precision=DOT_PRECISION)
+        qk = tl.dot(q, _load(desc_k, off_b, off_h, start_n).T, input_precision=DOT_PRECISION)
         rel0 = start_n - m0 - diag  # rel = j - i - diag = rel0 + jj - ii
         if ALIBI == 2:  # visible keys have rel <= 0: bias = slope * rel (row part dropped)
             x = qk * qk_scale + (slope2 * (rel0 + offs_j).to(tl.float32))[None, :]
@@ -241,7 +231,7 @@ def _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, lo, hi, m0, diag, SKV, qk
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = desc_v.load([start_n, 0])
+        v = _load(desc_v, off_b, off_h, start_n)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -254,21 +244,16 @@ def _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, lo, hi, m0, diag, SKV, qk
 
 @triton.jit
 def attn_fwd_kernel(
-    Q,  # queries, (B, H, SQ, HEAD_DIM), strides stride_q*
-    K,  # keys, (B, H, SKV, HEAD_DIM), strides stride_k*
-    V,  # values, (B, H, SKV, HEAD_DIM), strides stride_v*
-    O,  # output (written), (B, H, SQ, HEAD_DIM), strides stride_o*, Q's dtype
+    desc_q,  # queries, (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
+    desc_k,  # keys, (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
+    desc_v,  # values, (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
+    desc_o,  # output (written), (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D], q's dtype
     LSE,  # logsumexp (written), fp32, contiguous (B, H, SQ), base 2, +inf for empty rows
     SLOPES,  # ALiBi slopes, fp32, (H,) (unused if ALIBI == 0)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
     H,  # number of heads
     SQ,  # query length
     SKV,  # key/value length
     qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
@@ -287,14 +272,6 @@ def attn_fwd_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
-    desc_q = _head_desc(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, stride_qd, SQ,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
-    desc_k = _head_desc(K, off_b, off_h, stride_kb, stride_kh, stride_kn, stride_kd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_v = _head_desc(V, off_b, off_h, stride_vb, stride_vh, stride_vn, stride_vd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_o = _head_desc(O, off_b, off_h, stride_ob, stride_oh, stride_om, stride_od, SQ,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
     m0 = pid_m * BLOCK_M
     diag = SKV - SQ
     slope2 = 0.0
@@ -304,17 +281,18 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    q = desc_q.load([m0, 0])
+    q = _load(desc_q, off_b, off_h, m0)
     full, hi = _causal_key_bounds(m0, diag, SKV, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_unmasked(acc, l_i, m_i, q, desc_k, desc_v, full, m0, diag,
-                                       qk_scale, slope2, BLOCK_M, BLOCK_N, ALIBI, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, full, hi, m0, diag, SKV,
-                                     qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI,
+    acc, l_i, m_i = _attn_fwd_unmasked(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_h, full, m0,
+                                       diag, qk_scale, slope2, BLOCK_M, BLOCK_N, ALIBI,
+                                       DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_masked(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_h, full, hi, m0,
+                                     diag, SKV, qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI,
                                      DOT_PRECISION)
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    desc_o.store([m0, 0], (acc / l_safe[:, None]).to(O.dtype.element_ty))
+    _store(desc_o, off_b, off_h, m0, (acc / l_safe[:, None]).to(desc_o.dtype))
     offs_i = tl.arange(0, BLOCK_M)
     lse2 = m_i + tl.math.log2(l_safe)
     if ALIBI == 2:
@@ -356,8 +334,8 @@ def attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, lse_ptr, delta_ptr, dq_ptr,
-                         lo, hi, n0, diag, SQ, SKV, qk_scale, slope2,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, off_b, off_h, lse_ptr, delta_ptr,
+                         dq_ptr, lo, hi, n0, diag, SQ, SKV, qk_scale, slope2,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
                          DQ_ATOMIC: tl.constexpr,
@@ -374,8 +352,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, lse_ptr, delta_
         col = slope2 * offs_j.to(tl.float32)  # column part of slope * rel, rel = j - i - diag
     for start_m in tl.range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        q = desc_q.load([start_m, 0])
-        do = desc_do.load([start_m, 0])
+        q = _load(desc_q, off_b, off_h, start_m)
+        do = _load(desc_do, off_b, off_h, start_m)
         rows = start_m + offs_i
         lse2 = tl.load(lse_ptr + rows, mask=rows < SQ, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=rows < SQ, other=0.0)
@@ -403,7 +381,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, lse_ptr, delta_
         if DQ_ATOMIC:
             dq = tl.dot(dsT.T, k, input_precision=DOT_PRECISION)  # scaled when converted
             if TMA_REDUCE:
-                desc_dq.atomic_add([start_m, 0], dq)
+                desc_dq.atomic_add([off_b, off_h, start_m, 0], dq.reshape(desc_dq.block_shape))
             else:
                 cols = tl.arange(0, dq.shape[1])
                 tl.atomic_add(dq_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], dq,
@@ -414,19 +392,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, lse_ptr, delta_
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V,  # forward inputs, (B, H, SQ or SKV, HEAD_DIM), strides stride_q*/k*/v*
-    DO,  # output gradient, (B, H, SQ, HEAD_DIM), strides stride_do*
-    DK, DV,  # key/value gradients (written), (B, H, SKV, HEAD_DIM), strides stride_dk*/dv*
+    desc_q, desc_do,  # forward queries, output gradient: (B, H, SQ, D), boxes [1, 1, BLOCK_M,
+    # BLOCK_D]
+    desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
+    desc_dk, desc_dv,  # their gradients (written), (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
+    desc_dq,  # DQ_ACC's descriptor, box [1, 1, BLOCK_M, BLOCK_D] (if DQ_ATOMIC and TMA_REDUCE)
     DQ_ACC,  # fp32 dS K accumulator, zero-filled, contiguous (B, H, SQ, HEAD_DIM) (if DQ_ATOMIC)
     LSE,  # forward logsumexp (base 2), fp32, contiguous (B, H, SQ)
     DELTA,  # rowsum(dO * O), fp32, contiguous (B, H, SQ)
     SLOPES,  # ALiBi slopes, fp32, (H,) (unused if ALIBI == 0)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, SQ, SKV,
     qk_scale,  # softmax scale * log2(e)
     scale,  # softmax scale
@@ -449,32 +423,16 @@ def attn_bwd_dkdv_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
-    desc_q = _head_desc(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, stride_qd, SQ,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
-    desc_do = _head_desc(DO, off_b, off_h, stride_dob, stride_doh, stride_dom, stride_dod, SQ,
-                         HEAD_DIM, BLOCK_M, BLOCK_D)
-    desc_k = _head_desc(K, off_b, off_h, stride_kb, stride_kh, stride_kn, stride_kd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_v = _head_desc(V, off_b, off_h, stride_vb, stride_vh, stride_vn, stride_vd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_dk = _head_desc(DK, off_b, off_h, stride_dkb, stride_dkh, stride_dkn, stride_dkd, SKV,
-                         HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_dv = _head_desc(DV, off_b, off_h, stride_dvb, stride_dvh, stride_dvn, stride_dvd, SKV,
-                         HEAD_DIM, BLOCK_N, BLOCK_D)
     row_off = off_bh.to(tl.int64) * SQ
     dq_ptr = DQ_ACC + row_off * HEAD_DIM
-    desc_dq = desc_q  # placeholder when the accumulator is not reduced through TMA
-    if DQ_ATOMIC and TMA_REDUCE:
-        desc_dq = tl.make_tensor_descriptor(dq_ptr, shape=[SQ, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])
     n0 = pid_n * BLOCK_N
     diag = SKV - SQ
     slope2 = 0.0
     if ALIBI != 0:
         slope2 = tl.load(SLOPES + off_h) * 1.4426950408889634
 
-    k = desc_k.load([n0, 0])
-    v = desc_v.load([n0, 0])
+    k = _load(desc_k, off_b, off_h, n0)
+    v = _load(desc_v, off_b, off_h, n0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     end = tl.cdiv(SQ, BLOCK_M) * BLOCK_M
@@ -486,21 +444,21 @@ def attn_bwd_dkdv_kernel(
         lo = 0
         full = 0
     full = tl.where(n0 + BLOCK_N > SKV, end, full)  # a key block with a tail: all masked
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, LSE + row_off,
-                                  DELTA + row_off, dq_ptr, lo, full, n0, diag, SQ, SKV, qk_scale,
-                                  slope2, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, True,
-                                  DQ_ATOMIC, TMA_REDUCE, DOT_PRECISION)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, LSE + row_off,
-                                  DELTA + row_off, dq_ptr, full, end, n0, diag, SQ, SKV, qk_scale,
-                                  slope2, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, False,
-                                  DQ_ATOMIC, TMA_REDUCE, DOT_PRECISION)
-    desc_dk.store([n0, 0], (dk * scale).to(DK.dtype.element_ty))
-    desc_dv.store([n0, 0], dv.to(DV.dtype.element_ty))
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, off_b, off_h,
+                                  LSE + row_off, DELTA + row_off, dq_ptr, lo, full, n0, diag, SQ,
+                                  SKV, qk_scale, slope2, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                                  ALIBI, True, DQ_ATOMIC, TMA_REDUCE, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, off_b, off_h,
+                                  LSE + row_off, DELTA + row_off, dq_ptr, full, end, n0, diag, SQ,
+                                  SKV, qk_scale, slope2, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                                  ALIBI, False, DQ_ATOMIC, TMA_REDUCE, DOT_PRECISION)
+    _store(desc_dk, off_b, off_h, n0, (dk * scale).to(desc_dk.dtype))
+    _store(desc_dv, off_b, off_h, n0, dv.to(desc_dv.dtype))
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, lo, hi, m0, diag, SKV, qk_scale,
-                       slope2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, off_b, off_h, lo, hi, m0, diag, SKV,
+                       qk_scale, slope2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """Accumulate dS K (unscaled) of one query block over the key blocks [lo, hi).
@@ -512,8 +470,8 @@ def _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, lo, hi, m0, diag, 
     offs_j = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([start_n, 0])
-        v = desc_v.load([start_n, 0])
+        k = _load(desc_k, off_b, off_h, start_n)
+        v = _load(desc_v, off_b, off_h, start_n)
         # both GEMMs on the scores first: the tensor cores run while exp2 does
         qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
         dp = tl.dot(do, v.T, input_precision=DOT_PRECISION)
@@ -538,18 +496,14 @@ def _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, lo, hi, m0, diag, 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V,  # forward inputs, strides stride_q*/k*/v*
-    DO,  # output gradient, (B, H, SQ, HEAD_DIM), strides stride_do*
-    DQ,  # query gradient (written), (B, H, SQ, HEAD_DIM), strides stride_dq*
+    desc_q, desc_do,  # forward queries, output gradient: (B, H, SQ, D), boxes [1, 1, BLOCK_M,
+    # BLOCK_D]
+    desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
+    desc_dq,  # query gradient (written), (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
     LSE, DELTA,  # base-2 logsumexp and rowsum(dO * O), fp32, contiguous (B, H, SQ)
     SLOPES,  # ALiBi slopes, fp32, (H,) (unused if ALIBI == 0)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, SQ, SKV, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     CAUSAL: tl.constexpr,
@@ -564,16 +518,6 @@ def attn_bwd_dq_kernel(
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
-    desc_q = _head_desc(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, stride_qd, SQ,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
-    desc_do = _head_desc(DO, off_b, off_h, stride_dob, stride_doh, stride_dom, stride_dod, SQ,
-                         HEAD_DIM, BLOCK_M, BLOCK_D)
-    desc_k = _head_desc(K, off_b, off_h, stride_kb, stride_kh, stride_kn, stride_kd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_v = _head_desc(V, off_b, off_h, stride_vb, stride_vh, stride_vn, stride_vd, SKV,
-                        HEAD_DIM, BLOCK_N, BLOCK_D)
-    desc_dq = _head_desc(DQ, off_b, off_h, stride_dqb, stride_dqh, stride_dqm, stride_dqd, SQ,
-                         HEAD_DIM, BLOCK_M, BLOCK_D)
     m0 = pid_m * BLOCK_M
     diag = SKV - SQ
     offs_i = tl.arange(0, BLOCK_M)
@@ -586,17 +530,17 @@ def attn_bwd_dq_kernel(
         slope2 = tl.load(SLOPES + off_h) * 1.4426950408889634
     if ALIBI == 2:
         row += slope2 * offs_i.to(tl.float32)
-    q = desc_q.load([m0, 0])
-    do = desc_do.load([m0, 0])
+    q = _load(desc_q, off_b, off_h, m0)
+    do = _load(desc_do, off_b, off_h, m0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _causal_key_bounds(m0, diag, SKV, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, 0, full, m0, diag, SKV,
-                            qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, False,
+    dq = _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, off_b, off_h, 0, full, m0, diag,
+                            SKV, qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, False,
                             DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, full, hi, m0, diag, SKV,
-                            qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, True,
+    dq = _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, off_b, off_h, full, hi, m0,
+                            diag, SKV, qk_scale, slope2, BLOCK_M, BLOCK_N, CAUSAL, ALIBI, True,
                             DOT_PRECISION)
-    desc_dq.store([m0, 0], (dq * scale).to(DQ.dtype.element_ty))
+    _store(desc_dq, off_b, off_h, m0, (dq * scale).to(desc_dq.dtype))
 
 
 @triton.jit
@@ -621,15 +565,20 @@ def attn_bwd_dq_convert_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global scratch for the tensor descriptors the kernels create."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _strides(t: torch.Tensor) -> list[int]:
     """The 4 strides of ``t``; a dim of size 1 (never stepped) gets D, so that every stride
     a descriptor sees is a 16-byte multiple whatever the caller's view had there."""
     return [s if n > 1 else t.shape[-1] for n, s in zip(t.shape, t.stride(), strict=True)]
+
+
+def _desc(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
+    """The descriptor the kernels read or write ``t`` (B, H, S, D) through: [1, 1, rows,
+    block_d] boxes, zero-filled past S and D. Built without TensorDescriptor's checks (ops/
+    attention.py has made the layout TMA-ready; they cost ~3 us of host time each)."""
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides = t, list(t.shape), _strides(t)
+    d.block_shape, d.padding = [1, 1, rows, block_d], "zero"
+    return d
 
 
 def _alibi_mode(slopes: torch.Tensor | None, causal: bool, dtype: torch.dtype) -> int:
@@ -656,14 +605,14 @@ def attention_fwd(
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
     alibi = _alibi_mode(slopes, causal, q.dtype)
-    cfg, _ = config_for(D, q.dtype, causal, SKV if alibi == 2 else None)
-    triton.set_allocator(_scratch)
+    cfg, _ = config_for(D, q.dtype, causal)
+    BD = block_d(D)
     grid = (triton.cdiv(SQ, cfg.block_m), B * H)
     attn_fwd_kernel[grid](
-        q, k, v, out, lse, slopes if slopes is not None else lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        _desc(q, cfg.block_m, BD), _desc(k, cfg.block_n, BD), _desc(v, cfg.block_n, BD),
+        _desc(out, cfg.block_m, BD), lse, slopes if slopes is not None else lse,
         H, SQ, SKV, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -686,7 +635,6 @@ def attention_bwd(
     precision = _dot_precision(q.dtype, allow_tf32)
     alibi = _alibi_mode(slopes, causal, q.dtype)
     slopes_arg = lse if slopes is None else slopes
-    triton.set_allocator(_scratch)
 
     delta = empty((B, H, SQ), torch.float32, q.device)
     attn_bwd_delta_kernel[(triton.cdiv(SQ, DELTA_BLOCK_M), B * H)](
@@ -695,15 +643,18 @@ def attention_bwd(
     )
     dk = empty(k.shape, q.dtype, q.device)
     dv = empty(v.shape, q.dtype, q.device)
-    dq_acc = lse  # placeholder argument unless dQ is accumulated by the dK/dV kernel
+    desc_q = _desc(q, cfg.block_m, BD)
+    dq_acc, desc_dq = lse, desc_q  # placeholders unless the dK/dV kernel accumulates dQ
+    tma_reduce = not INTERPRET  # the interpreter has no TMA reduce: atomics on pointers
     if cfg.dq_atomic:
         dq_acc = torch.zeros((B, H, SQ, D), dtype=torch.float32, device=q.device)
+        desc_dq = _desc(dq_acc, cfg.block_m, BD) if tma_reduce else desc_q
     attn_bwd_dkdv_kernel[(triton.cdiv(SKV, cfg.block_n), B * H)](
-        q, k, v, do, dk, dv, dq_acc, lse, delta, slopes_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, SQ, SKV, scale * LOG2E, scale,
+        desc_q, _desc(do, cfg.block_m, BD), _desc(k, cfg.block_n, BD), _desc(v, cfg.block_n, BD),
+        _desc(dk, cfg.block_n, BD), _desc(dv, cfg.block_n, BD), desc_dq, dq_acc, lse, delta,
+        slopes_arg, H, SQ, SKV, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, ALIBI=alibi, DQ_ATOMIC=cfg.dq_atomic, TMA_REDUCE=not INTERPRET,
+        CAUSAL=causal, ALIBI=alibi, DQ_ATOMIC=cfg.dq_atomic, TMA_REDUCE=tma_reduce,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dq = empty(q.shape, q.dtype, q.device)
@@ -713,11 +664,11 @@ def attention_bwd(
             dq_acc, dq, n_rows, scale, HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M,
         )
     else:
-        attn_bwd_dq_kernel[(triton.cdiv(SQ, cfg.dq_block_m), B * H)](
-            q, k, v, do, dq, lse, delta, slopes_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, SQ, SKV, scale * LOG2E, scale,
-            HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+        bm, bn = cfg.dq_block_m, cfg.dq_block_n
+        attn_bwd_dq_kernel[(triton.cdiv(SQ, bm), B * H)](
+            _desc(q, bm, BD), _desc(do, bm, BD), _desc(k, bn, BD), _desc(v, bn, BD),
+            _desc(dq, bm, BD), lse, delta, slopes_arg, H, SQ, SKV, scale * LOG2E, scale,
+            BLOCK_D=BD, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
             CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=precision,
             num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
         )
