@@ -6,6 +6,10 @@ Bytes are what must move, per (rows x N) tensor of n bytes:
   dx (5n). weight, bias and the per-row statistics are negligible.
 - add_layer_norm: forward reads x and residual, writes s and y (4n); forward+backward also
   reads s, dy and ds and writes the one gradient both inputs share (8n).
+
+Each LayerNorm size also times a device copy of the forward's bytes (x into y, 2n),
+provider "device-copy": what memory delivers at that size under the same timing (the
+2 GiB copy of the run is the ceiling the percentages refer to).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def _bench_size(bench: Bench, add_bench: Bench, n: int, ln: dict, add_ln: dict) 
     b = (0.1 * torch.randn(n, device="cuda", dtype=dtype)).requires_grad_()
     dy, ds = torch.randn_like(x), torch.randn_like(x)
     nbytes = x.numel() * x.element_size()
+    src, dst = x.detach(), torch.empty_like(x, requires_grad=False)
+    bench.run(f"{case} fwd", "device-copy", lambda: dst.copy_(src), bytes=2 * nbytes,
+              memory=False)
 
     def clear() -> None:
         for t in (x, r, w, b):
