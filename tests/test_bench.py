@@ -5,6 +5,7 @@ import csv
 import torch
 
 from tritonformer.bench.harness import Result, append_csv, backward_thread, environment
+from tritonformer.bench.model import markdown
 
 
 def _row(case: str) -> Result:
@@ -36,3 +37,12 @@ def test_append_csv_appends_and_upgrades_an_older_header(tmp_path):
     assert [r["case"] for r in rows] == ["old", "a", "b"]
     assert rows[0]["gpu"] == "H200" and rows[0]["ms"] == "2.0" and rows[0]["backward"] == ""
     assert rows[1]["backward"] == "autograd-device-thread" and float(rows[2]["ms"]) == 1.5
+
+
+def test_model_table_without_a_baseline():
+    # --providers may leave torch.compile (or eager) out: its ratio column says so
+    runs = (("torch", 57.0, 245.0), ("tritonformer", 42.0, 336.0))
+    rows = [dict(config="gpt2 T=1024 B=16", provider=p, ms=ms, tflops=t, tokens_per_s=1e5,
+                 peak_gib=6.0) for p, ms, t in runs]
+    row = "| gpt2 T=1024 B=16 | tritonformer | 42.00 | 336.0 | 100,000 | 6.00 | 1.37x | - |"
+    assert row in markdown(rows)

@@ -116,14 +116,17 @@ def markdown(rows: list[dict]) -> str:
         "vs compile |\n|---|---|---|---|---|---|---|---|\n"
     )
     by = {(r["config"], r["provider"]): r for r in rows}
-    lines = []
-    for r in rows:
-        e, c = by.get((r["config"], "torch")), by.get((r["config"], "torch.compile"))
-        lines.append(
-            f"| {r['config']} | {r['provider']} | {r['ms']:.2f} | {r['tflops']:.1f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
-            f"{r['tflops'] / e['tflops']:.2f}x | {r['tflops'] / c['tflops']:.2f}x |"
-        )
+
+    def ratio(r: dict, baseline: str) -> str:  # "-" where --providers left the baseline out
+        b = by.get((r["config"], baseline))
+        return f"{r['tflops'] / b['tflops']:.2f}x" if b else "-"
+
+    lines = [
+        f"| {r['config']} | {r['provider']} | {r['ms']:.2f} | {r['tflops']:.1f} | "
+        f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio(r, 'torch')} | "
+        f"{ratio(r, 'torch.compile')} |"
+        for r in rows
+    ]
     return head + "\n".join(lines) + "\n"
 
 
