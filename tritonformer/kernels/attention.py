@@ -392,8 +392,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, off_b, off_h, l
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    desc_q, desc_do,  # forward queries, output gradient: (B, H, SQ, D), boxes [1, 1, BLOCK_M,
-    # BLOCK_D]
+    desc_q,  # forward queries, (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
+    desc_do,  # output gradient, (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
     desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
     desc_dk, desc_dv,  # their gradients (written), (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
     desc_dq,  # DQ_ACC's descriptor, box [1, 1, BLOCK_M, BLOCK_D] (if DQ_ATOMIC and TMA_REDUCE)
@@ -496,8 +496,8 @@ def _attn_bwd_dq_inner(dq, q, do, row, delta, desc_k, desc_v, off_b, off_h, lo, 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    desc_q, desc_do,  # forward queries, output gradient: (B, H, SQ, D), boxes [1, 1, BLOCK_M,
-    # BLOCK_D]
+    desc_q,  # forward queries, (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
+    desc_do,  # output gradient, (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
     desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, BLOCK_D]
     desc_dq,  # query gradient (written), (B, H, SQ, D), box [1, 1, BLOCK_M, BLOCK_D]
     LSE, DELTA,  # base-2 logsumexp and rowsum(dO * O), fp32, contiguous (B, H, SQ)
