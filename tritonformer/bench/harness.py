@@ -8,8 +8,8 @@ appends the rows to a CSV keyed by GPU name and library versions. Timings are th
 same process on the same card.
 
 Backward passes run on the calling thread (``backward_thread``), as in the trainer: PyTorch's
-default hands every backward of a CUDA graph to autograd's per-device thread, where the
-Python backward of a Triton op runs 2-3x slower than on the caller (cold caches, thread
+default hands the backward of a graph on a CUDA device to autograd's per-device thread, where
+the Python backward of a Triton op runs 2-3x slower than on the caller (cold caches, thread
 switches; docs/perf/layer_norm_softmax.md), while PyTorch's C++ backward nodes do not care.
 ``--autograd-device-thread`` keeps PyTorch's default; every row records which was used.
 """
