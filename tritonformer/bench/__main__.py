@@ -9,7 +9,13 @@ import sys
 import torch
 
 from . import KERNEL_BENCHMARKS
-from .harness import append_csv, backward_thread, device_copy, environment
+from .harness import (
+    add_backward_thread_option,
+    append_csv,
+    backward_thread,
+    device_copy,
+    environment,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         "ops", nargs="*", help=f"op families (default: all of {list(KERNEL_BENCHMARKS)})"
     )
     p.add_argument("--csv", default="benchmarks/results.csv", help="CSV the rows are appended to")
-    p.add_argument("--autograd-device-thread", action="store_true",
-                   help="run backward passes on autograd's device thread (PyTorch's default) "
-                   "instead of the calling thread")
+    add_backward_thread_option(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA device", file=sys.stderr)

@@ -45,6 +45,13 @@ class Result:
     extra_mem_gib: float  # peak memory beyond the inputs, in GiB (nan if not measured)
 
 
+def add_backward_thread_option(parser) -> None:
+    """The benchmarks' ``--autograd-device-thread`` flag (see ``backward_thread``)."""
+    parser.add_argument("--autograd-device-thread", action="store_true",
+                        help="run backward passes on autograd's device thread (PyTorch's "
+                        "default) instead of the calling thread, as the trainer does")
+
+
 def backward_thread(calling: bool) -> None:
     """Run this thread's backward passes on itself (``calling``) or on autograd's device
     threads (PyTorch's default)."""

@@ -20,7 +20,7 @@ import torch
 from ..model import Transformer, TransformerConfig
 from ..runtime import no_value_checks
 from ..train import GraphedStep
-from .harness import GiB, backward_thread, environment, time_ms
+from .harness import GiB, add_backward_thread_option, backward_thread, environment, time_ms
 
 #: (preset, sequence length, batch size)
 CONFIGS = [
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", help="subset, e.g. 'gpt2:1024:16'")
     p.add_argument("--providers", nargs="*", choices=ALL_PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--out", default="benchmarks/model", help="prefix of .md/.json/.png outputs")
-    p.add_argument("--autograd-device-thread", action="store_true",
-                   help="run backward passes on autograd's device thread (PyTorch's default) "
-                   "instead of the calling thread, as the trainer does")
+    add_backward_thread_option(p)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the model benchmark needs a CUDA device", file=sys.stderr)
