@@ -56,11 +56,12 @@ from ..runtime import INTERPRET, cdiv, empty, launch, num_sms
 #   of the next tiles go to shared memory while the current one is reduced.
 # - The partial-sum reduction uses tiles of "reduce_tile" elements, its column block sized so
 #   that about one program per SM runs.
-# Entries from 1024 to 16384 (and the backward's at 512) come from sweeps on an H200 (bf16,
-# 16384 rows, 2026-11-26; see docs/perf/layer_norm_softmax.md): the forward wants ~32
-# elements per thread (several 16-byte loads in flight each), 8 persistent programs per SM at
-# 1024 and 2048; the backward 3-stage pipelining (most configs 1.2-2.6x slower without) and
-# 4 to 16 elements per thread. The other entries are untuned.
+# Entries from 1024 to 4096 come from sweeps on the H100 (bf16, 16384 rows, fifth session),
+# those from 8192 to 16384 (and the backward's at 512) from sweeps on an H200 (see
+# docs/perf/layer_norm_softmax.md): the forward wants ~32 elements per thread (several
+# 16-byte loads in flight each) and one tile per program; the backward 3-stage pipelining
+# (most configs 1.2-2.6x slower without), 2 rows per tile and 4 to 16 elements per thread.
+# The other entries are untuned.
 # Under the interpreter, which pays per program and per op rather than per element, tiles are
 # large and the single-tile limits small (so the chunked paths are cheap to test).
 # ---------------------------------------------------------------------------------------------
@@ -74,9 +75,9 @@ _CONFIGS = {
                   128:     ((8,  4, None, 1),  (8,  8, 4, 1)),
                   256:     ((4,  4, None, 1),  (4,  8, 4, 3)),
                   512:     ((2,  4, None, 1),  (2,  8, 4, 3)),
-                  1024:    ((4,  4, 8,    1),  (1,  4, 8, 3)),
-                  2048:    ((2,  4, 8,    1),  (1,  8, 4, 3)),
-                  4096:    ((1,  4, None, 1),  (1,  8, 2, 3)),
+                  1024:    ((4,  4, None, 1),  (2,  4, 4, 3)),
+                  2048:    ((2,  4, None, 1),  (2,  4, 2, 3)),
+                  4096:    ((1,  4, None, 1),  (2,  8, 1, 3)),
                   8192:    ((1,  8, None, 1),  (1, 16, 1, 3)),
                   16384:   ((1, 16, None, 1),  None)},
         # rows longer than max_single: (BLOCK_M, chunk width, warps, programs per SM); the
