@@ -240,6 +240,36 @@ def test_attention_gpu_non_contiguous():
     check_attention(2, 8, 2048, 2048, 128, torch.bfloat16, True, True, layout="bshd")
 
 
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
+    """On sm_90 the 16-bit forward at D 64/128 is the Gluon kernel: the Triton kernel it
+    replaces gives the same output and LSE (tails, Sq < Skv, Sq = 1, full and causal, folded
+    ALiBi). Both also meet the float64 reference through test_attention_gpu / _tiers."""
+    from tritonformer.kernels import attention as ka
+
+    if not torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("the Gluon forward runs on sm_90 only")
+    for b, h, sq, skv, causal, alibi in [(2, 3, 100, 100, True, True), (1, 2, 333, 333, False,
+                                         False), (2, 2, 65, 1000, True, True),
+                                         (1, 4, 1, 500, True, False),
+                                         (2, 2, 200, 130, True, False)]:  # fmt: skip
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
+        slopes = ops.alibi_slopes(h) if alibi else None
+        got, got_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)
+        monkeypatch.setattr(ka, "GLUON_FWD", None)
+        want, want_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)
+        monkeypatch.undo()
+        case = f"B{b} H{h} Sq{sq} Skv{skv} causal={causal} alibi={alibi}"
+        assert not got.isnan().any(), case
+        torch.testing.assert_close(got, want, atol=2e-2 if dtype == torch.bfloat16 else 2e-3,
+                                   rtol=0, msg=case)
+        torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5, msg=case)
+
+
 def test_deterministic_dq():
     """dQ by fp32 reduce-adds (order varies) unless torch.use_deterministic_algorithms asks
     for a fixed order, then by its own kernel."""

@@ -5,7 +5,9 @@ are multiples of 16 bytes (``ops.attention`` copies anything else). Each program
 (batch, head) and reads and writes its tiles through 4-D tensor descriptors over (B, H, S, D)
 made on the host (TMA on Hopper; boxes [1, 1, rows, BLOCK_D]), so a program sets nothing up;
 they zero-fill rows past Sq/Skv and columns past D (stores are clipped there), so D is padded
-to the power of two BLOCK_D without any masked load.
+to the power of two BLOCK_D without any masked load. On sm_90 the fp16/bf16 forward at D 64
+and 128 runs the Gluon kernel of attention_gluon.py instead (``GLUON_FWD``), which overlaps
+the softmax with the tensor cores; the backward is always the kernels here.
 
 Conventions shared by every kernel here (log2 domain: exp2 with log2(e) folded into scales):
 - diag = Skv - Sq: query i sees keys j <= i + diag when causal (the mask aligned bottom-right).
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..runtime import INTERPRET, empty
+from ..runtime import INTERPRET, empty, is_hopper
 
 LOG2E = 1.4426950408889634
 
@@ -94,6 +96,16 @@ CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
     (128, _32, False): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
     (256, _32, True): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
     (256, _32, False): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
+}
+# The Gluon forward (attention_gluon.py) replaces the forward above on sm_90 for fp16/bf16 at
+# these (head dim, folded ALiBi) (exact ALiBi stays above): (BLOCK_M, BLOCK_N, K_STAGES,
+# V_STAGES). From scripts/sweep_gluon_attention.py on the H100 (docs/perf/attention.md, v4);
+# None turns it off.
+GLUON_FWD: dict[tuple[int, bool], tuple[int, int, int, int]] | None = {
+    (64, False): (64, 128, 2, 2),
+    (64, True): (64, 64, 3, 2),
+    (128, False): (64, 64, 2, 1),
+    (128, True): (64, 64, 2, 2),
 }
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels
@@ -602,9 +614,14 @@ def attention_fwd(
     """
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
+    alibi = _alibi_mode(slopes, causal, q.dtype)
+    tiling = GLUON_FWD.get((D, alibi == 2)) if GLUON_FWD is not None and alibi != 1 else None
+    if tiling is not None and q.dtype != torch.float32 and is_hopper(q.device):
+        from .attention_gluon import attention_fwd_gluon
+
+        return attention_fwd_gluon(q, k, v, causal, scale, slopes, *tiling)
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
-    alibi = _alibi_mode(slopes, causal, q.dtype)
     cfg, _ = config_for(D, q.dtype, causal)
     BD = block_d(D)
     grid = (triton.cdiv(SQ, cfg.block_m), B * H)
