@@ -248,7 +248,8 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
     """On sm_90 the 16-bit forward at D 64/128 is the Gluon kernel (checked against float64
     by test_attention_gpu): the Triton kernel it replaces there, still the forward of other
     GPUs, gives the same output and LSE (tails, Sq < Skv, Sq = 1, full and causal, folded
-    ALiBi)."""
+    ALiBi with the standard slopes and with steep ones, keys past 2048 where GLUON_FWD
+    switches tiling)."""
     from tritonformer.kernels import attention as ka
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -256,10 +257,14 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
     for b, h, sq, skv, causal, alibi in [(2, 3, 100, 100, True, True), (1, 2, 333, 333, False,
                                          False), (2, 2, 65, 1000, True, True),
                                          (1, 4, 1, 500, True, False),
-                                         (2, 2, 200, 130, True, False)]:  # fmt: skip
+                                         (2, 2, 200, 130, True, False),
+                                         (1, 3, 300, 2500, True, True),
+                                         (1, 2, 2100, 2100, True, False)]:  # fmt: skip
         q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
         slopes = ops.alibi_slopes(h) if alibi else None
+        if alibi and h == 3:  # steep: the bias dwarfs the scores
+            slopes = torch.tensor([4.0, 1.0, 2.0**-10], device="cuda")
         got, got_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)
         monkeypatch.setattr(ka, "GLUON_FWD", None)
         want, want_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)

@@ -98,14 +98,16 @@ CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
     (256, _32, False): (FwdConfig(16, 16, 4, 1), BwdConfig(16, 16, 4, 1, False, 16, 16, 4, 1)),
 }
 # The Gluon forward (attention_gluon.py) replaces the forward above on sm_90 for fp16/bf16 at
-# these (head dim, folded ALiBi) (exact ALiBi stays above): (BLOCK_M, BLOCK_N, K_STAGES,
-# V_STAGES). From scripts/sweep_gluon_attention.py on the H100 (docs/perf/attention.md, v4);
-# None turns it off.
-GLUON_FWD: dict[tuple[int, bool], tuple[int, int, int, int]] | None = {
-    (64, False): (64, 128, 2, 2),
-    (64, True): (64, 64, 3, 2),
-    (128, False): (64, 64, 2, 1),
-    (128, True): (64, 64, 2, 2),
+# these (head dim, folded ALiBi) (exact ALiBi stays above): a list of (longest Skv, tiling),
+# shortest first, None for any length; tiling (BLOCK_M, BLOCK_N, K_STAGES, V_STAGES). From
+# scripts/sweep_gluon_attention.py on the H100 (docs/perf/attention.md, v5); None turns it off.
+GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, int]]]] | None = {
+    (64, False): [(None, (64, 128, 2, 2))],
+    # 128-key blocks need V_STAGES 1 with ALiBi (its bias operand pushes two value stages past
+    # a third program's shared memory) and waste more of the diagonal block at short lengths
+    (64, True): [(2048, (64, 64, 2, 2)), (None, (64, 128, 2, 1))],
+    (128, False): [(None, (64, 64, 2, 1))],
+    (128, True): [(None, (64, 64, 2, 1))],
 }
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels
@@ -604,6 +606,17 @@ def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
 
 
+def gluon_tiling(head_dim: int, alibi: int, skv: int) -> tuple[int, int, int, int] | None:
+    """The Gluon forward's tiling for this head dim, ALIBI mode and key length from
+    ``GLUON_FWD``; None where that kernel does not run (exact ALiBi, other head dims)."""
+    if GLUON_FWD is None or alibi == 1:
+        return None
+    for longest, tiling in GLUON_FWD.get((head_dim, alibi == 2), []):
+        if longest is None or skv <= longest:
+            return tiling
+    return None
+
+
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None, causal: bool,
     scale: float, allow_tf32: bool,
@@ -615,7 +628,7 @@ def attention_fwd(
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
     alibi = _alibi_mode(slopes, causal, q.dtype)
-    tiling = GLUON_FWD.get((D, alibi == 2)) if GLUON_FWD is not None and alibi != 1 else None
+    tiling = gluon_tiling(D, alibi, SKV)
     if tiling is not None and q.dtype != torch.float32 and is_hopper(q.device):
         from .attention_gluon import attention_fwd_gluon
 

@@ -12,7 +12,9 @@ warpgroup per 64 query rows):
 Keys and values have TMA rings of their own (K_STAGES, V_STAGES deep): a key stage is free
 once its scores are done, one iteration before the value stage of the same block. P stays in
 registers (the PV wgmma's A operand). ``attention_fwd`` dispatches here on sm_90 for fp16/bf16
-at D 64 and 128 (``attention.GLUON_FWD``), except exact ALiBi (non-causal or fp32).
+at D 64 and 128 (``attention.GLUON_FWD``), except exact ALiBi (non-causal or fp32). Folded
+ALiBi's column bias rides on the scores' wgmma as one more k-step (``_alibi_operands``), so the
+softmax loop runs the same instructions with and without it.
 
 Same conventions as ``attention.attn_fwd_kernel``: base-2 LSE, +inf for rows that see no
 key, causal mask aligned bottom-right, query blocks last to first, ALiBi in the folded form
@@ -56,19 +58,54 @@ def _issue(desc, smem, bars, j, n_blocks, off_b, off_h, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, col_bias,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                  ALIBI: gl.constexpr, s_layout: gl.constexpr):
-    """Online-softmax update for the raw scores s [BLOCK_M, BLOCK_N] of key block j: returns
-    (p fp32, alpha, m_new, l_new). Masks the causal diagonal and the key tail. ALIBI 2 adds
-    slope2 * (key - i - diag) without its per-row part -slope2 * (i - m0), which the caller
-    takes out of the LSE: the loop-invariant col_bias = slope2 * (0 .. BLOCK_N-1) per score,
-    and the block's offset slope2 * (start_n - m0 - diag), uniform over the block, through
-    the row max."""
+def _alibi_operands(slope2, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    s_layout: gl.constexpr, b_smem):
+    """ALiBi's in-block column bias slope2 * c, c = key - BLOCK_N / 2 for the keys of a block
+    (centred: half the magnitude, so half the rounding), as one more k-step of 16 for the
+    scores' wgmma: A [BLOCK_M, 16] (returned, registers) has columns (hi, mid, lo) = slope2 /
+    qk_scale split over three bf16s, B [BLOCK_N, 16] (written into b_smem) has columns
+    (c, c, c), exact in bf16 for |c| <= 256. The tensor cores then add c * slope2 / qk_scale
+    to every raw score in fp32, so the softmax scales it with the scores and spends no
+    instruction on it. bf16 whatever q's dtype: the products go into the fp32 accumulator
+    either way, and bf16 has fp32's range."""
+    blk: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [BLOCK_M // 16, 1], [1, 0])
+    k16 = gl.arange(0, 16, layout=gl.SliceLayout(0, blk))
+    r = slope2 / qk_scale
+    hi = r.to(gl.bfloat16).to(gl.float32)
+    mid = (r - hi).to(gl.bfloat16).to(gl.float32)
+    lo = (r - hi - mid).to(gl.bfloat16).to(gl.float32)
+    part = gl.where(k16 == 0, hi, gl.where(k16 == 1, mid, gl.where(k16 == 2, lo, 0.0)))
+    a = gl.zeros([BLOCK_M, 16], gl.float32, blk) + part[None, :]
+    c = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk)) - BLOCK_N // 2).to(gl.float32)
+    b = gl.where(k16[None, :] < 3, c[:, None], 0.0)
+    b_smem.store(b.to(gl.bfloat16))
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    return gl.convert_layout(a.to(gl.bfloat16), a_layout)
+
+
+@gluon.jit
+def _scores(q2, k_stage, s_zero, bias_a, bias_b, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+            ALIBI: gl.constexpr, IS_ASYNC: gl.constexpr):
+    """The raw scores Q K^T of one key stage [BLOCK_N, HEAD_DIM] (with ALIBI 2, plus the
+    column bias of ``_alibi_operands``): the wgmma's result, or its token if IS_ASYNC."""
+    k2 = k_stage.reshape([BLOCK_N, HEAD_DIM])
+    s = warpgroup_mma(q2, k2.permute([1, 0]), s_zero, use_acc=False, is_async=IS_ASYNC)
+    if ALIBI == 2:
+        s = warpgroup_mma(bias_a, bias_b.permute([1, 0]), s, is_async=IS_ASYNC)
+    return s
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """Online-softmax update for the scores s [BLOCK_M, BLOCK_N] of key block j: returns
+    (p fp32, alpha, m_new, l_new). Masks the causal diagonal and the key tail. ALIBI 2: s
+    already holds the in-block column part of slope2 * (key - i - diag) (``_scores``); the
+    block's offset slope2 * (start_n + BLOCK_N / 2 - m0 - diag), uniform over the block, goes
+    in through the row max, and the per-row part -slope2 * (i - m0) is left to the caller
+    (the LSE)."""
     start_n = j * BLOCK_N
-    if ALIBI == 2:  # scaled scores plus the in-block column part of the bias
-        shift = slope2 * (start_n - m0 - diag).to(gl.float32)
-        s = s * qk_scale + col_bias[None, :]
     needs_mask = start_n + BLOCK_N > SKV
     if CAUSAL:
         needs_mask = needs_mask | (start_n + BLOCK_N - 1 > m0 + diag)
@@ -79,12 +116,15 @@ def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, col_bias,
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + diag)
         s = gl.where(keep, s, float("-inf"))
+    # qk_scale > 0: scale the row max, then one FMA per score
+    m_blk = gl.max(s, 1) * qk_scale
     if ALIBI == 2:
-        m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
+        shift = slope2 * (start_n + BLOCK_N // 2 - m0 - diag).to(gl.float32)
+        m_new = gl.maximum(m_i, m_blk + shift)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = gl.exp2(s - (m_use - shift)[:, None])
-    else:  # qk_scale > 0: scale the row max, then one FMA per score
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - (m_use - shift)[:, None])
+    else:
+        m_new = gl.maximum(m_i, m_blk)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
@@ -133,11 +173,14 @@ def attn_fwd_gluon_kernel(
         hi = gl.maximum(gl.minimum(m0 + BLOCK_M + diag, SKV), 0)
     n_blocks = gl.cdiv(hi, BLOCK_N)
     slope2 = 0.0
-    col_bias = 0.0
+    bias_a = 0
+    bias_b = 0
     if ALIBI != 0:
         slope2 = gl.load(SLOPES + off_h) * 1.4426950408889634
-        col_bias = slope2 * gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)).to(
-            gl.float32)
+        bias_b = gl.allocate_shared_memory(
+            gl.bfloat16, [BLOCK_N, 16],
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], gl.bfloat16))
+        bias_a = _alibi_operands(slope2, qk_scale, BLOCK_M, BLOCK_N, s_layout, bias_b)
 
     q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
@@ -155,6 +198,8 @@ def attn_fwd_gluon_kernel(
     for i in gl.static_range(V_STAGES):
         mbarrier.init(v_bars.index(i), count=1)
     fence_async_shared()
+    if ALIBI != 0:
+        gl.thread_barrier()  # every thread's part of bias_b is written before a wgmma reads it
 
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     tma.async_copy_global_to_shared(desc_q, [off_b, off_h, m0, 0], q_bar, q_smem)
@@ -173,11 +218,10 @@ def attn_fwd_gluon_kernel(
     if n_blocks > 0:
         # block 0: scores and softmax, nothing to overlap yet
         mbarrier.wait(k_bars.index(0), 0)
-        k2 = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q2, k2.permute([1, 0]), s_zero, use_acc=False)
+        s = _scores(q2, k_smem.index(0), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N, ALIBI,
+                    False)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, m0, diag, SKV, qk_scale, slope2,
-                                           col_bias, BLOCK_M, BLOCK_N, CAUSAL, ALIBI,
-                                           s_layout)
+                                           BLOCK_M, BLOCK_N, CAUSAL, ALIBI, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         gl.thread_barrier()  # every warp is done with key stage 0
         _issue(desc_k, k_smem, k_bars, K_STAGES, n_blocks, off_b, off_h, BLOCK_N, K_STAGES)
@@ -185,16 +229,15 @@ def attn_fwd_gluon_kernel(
             slot = j % K_STAGES
             prev = (j - 1) % V_STAGES
             mbarrier.wait(k_bars.index(slot), (j // K_STAGES) & 1)
-            k2 = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            s_tok = warpgroup_mma(q2, k2.permute([1, 0]), s_zero, use_acc=False, is_async=True)
+            s_tok = _scores(q2, k_smem.index(slot), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
+                            ALIBI, True)
             mbarrier.wait(v_bars.index(prev), ((j - 1) // V_STAGES) & 1)
             v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
             acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
             # wgmma groups retire in issue order: S_j first, P_{j-1} V_{j-1} may still run
             s = warpgroup_mma_wait(1, deps=[s_tok])
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2,
-                                               col_bias, BLOCK_M, BLOCK_N, CAUSAL, ALIBI,
-                                               s_layout)
+                                               BLOCK_M, BLOCK_N, CAUSAL, ALIBI, s_layout)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -238,10 +281,14 @@ def _layout(rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
 
 
 def _gluon_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A descriptor over ``t`` (B, H, S, D) with [1, 1, rows, D] boxes."""
+    """A descriptor over ``t`` (B, H, S, D) with [1, 1, rows, D] boxes, zero-filled past S.
+    Built without TensorDescriptor's checks, like ``attention._desc`` (ops/attention.py has
+    made the layout TMA-ready; the checks cost ~3 us of host time per descriptor)."""
     d = t.shape[-1]
-    return TensorDescriptor(t, list(t.shape), _strides(t), [1, 1, rows, d],
-                            _layout(rows, d, t.dtype))
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = t, list(t.shape), _strides(t)
+    desc.block_shape, desc.layout, desc.padding = [1, 1, rows, d], _layout(rows, d, t.dtype), "zero"
+    return desc
 
 
 def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tensor | None = None,
@@ -252,7 +299,7 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
     q (B, H, Sq, D), k, v (B, H, Skv, D): bf16 or fp16, D 64 or 128, layouts TMA can read
     (unit last stride, 16-byte aligned strides; ops/attention.py ensures it). slopes: fp32
     (H,), causal only (folded ALiBi). block_m (64 or 128, 4 warps per 64 rows), block_n,
-    k_stages, v_stages: the kernel's tiling (``attention.GLUON_FWD``).
+    k_stages, v_stages: the kernel's tiling (``attention.gluon_tiling``).
 
     Returns (out contiguous (B, H, Sq, D) in q's dtype, lse fp32 contiguous (B, H, Sq)), like
     ``attention_fwd``.
