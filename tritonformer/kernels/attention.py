@@ -99,15 +99,18 @@ CONFIGS: dict[tuple[int, str, bool], tuple[FwdConfig, BwdConfig]] = {
 }
 # The Gluon forward (attention_gluon.py) replaces the forward above on sm_90 for fp16/bf16 at
 # these (head dim, folded ALiBi) (exact ALiBi stays above): a list of (longest Skv, tiling),
-# shortest first, None for any length; tiling (BLOCK_M, BLOCK_N, K_STAGES, V_STAGES). From
-# scripts/sweep_gluon_attention.py on the H100 (docs/perf/attention.md, v5); None turns it off.
+# shortest first, None for any length; tiling (BLOCK_M, BLOCK_N, K_STAGES, V_STAGES), BLOCK_M
+# 128 the warp-specialised kernel. From scripts/sweep_gluon_attention.py on the H100
+# (docs/perf/attention.md, v5 and v6); None turns it off.
 GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, int]]]] | None = {
     (64, False): [(None, (64, 128, 2, 2))],
     # 128-key blocks need V_STAGES 1 with ALiBi (its bias operand pushes two value stages past
     # a third program's shared memory) and waste more of the diagonal block at short lengths
     (64, True): [(2048, (64, 64, 2, 2)), (None, (64, 128, 2, 1))],
-    (128, False): [(None, (64, 64, 2, 1))],
-    (128, True): [(None, (64, 64, 2, 1))],
+    # the warp-specialised kernel runs one program per SM, whose start and end it does not
+    # overlap: short rows of key blocks do better with three single-warpgroup programs per SM
+    (128, False): [(1024, (64, 64, 2, 1)), (None, (128, 128, 2, 2))],
+    (128, True): [(1024, (64, 64, 2, 1)), (None, (128, 128, 2, 2))],
 }
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels

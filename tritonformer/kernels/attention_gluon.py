@@ -2,25 +2,33 @@
 
 Triton 3.6 waits for every wgmma right after issuing it, so the ``tl.dot`` forward
 (``attention.attn_fwd_kernel``) never overlaps the softmax of one key block with the tensor
-cores. This kernel issues the wgmmas itself (FA3's intra-warpgroup pipelining, one 4-warp
-warpgroup per 64 query rows):
+cores. The kernels here issue the wgmmas themselves (FA3's intra-warpgroup pipelining, one
+4-warp warpgroup per 64 query rows):
 
     iteration j:  S_j = Q K_j^T (async)  |  O += P_{j-1} V_{j-1} (async)
                   wait until S_j is done (PV_{j-1} may still run), softmax(S_j) -> P_j
-                  wait for PV_{j-1}, rescale O, refill the freed key and value stages by TMA
+                  wait for PV_{j-1}, rescale O
 
-Keys and values have TMA rings of their own (K_STAGES, V_STAGES deep): a key stage is free
-once its scores are done, one iteration before the value stage of the same block. P stays in
-registers (the PV wgmma's A operand). ``attention_fwd`` dispatches here on sm_90 for fp16/bf16
-at D 64 and 128 (``attention.GLUON_FWD``), except exact ALiBi (non-causal or fp32). Folded
-ALiBi's column bias rides on the scores' wgmma as one more k-step (``_alibi_operands``), so the
+Two kernels, picked by the tiling's BLOCK_M (``attention.GLUON_FWD``):
+
+- 64 rows, ``attn_fwd_gluon_kernel``: one warpgroup refills its own key and value TMA rings
+  (K_STAGES, V_STAGES deep; a key stage is free once its scores are done, one iteration
+  before the value stage of the same block). Two or three programs share an SM.
+- 128 rows, ``attn_fwd_gluon_ws_kernel`` (FA3's other halves, warp-specialised): a producer
+  warp fills key and value rings shared by two consumer warpgroups of 64 rows, which take
+  turns at the tensor cores (ping-pong: one issues its wgmmas while the other runs its
+  softmax). One program per SM, CONSUMER_REGS registers per consumer thread.
+
+P stays in registers (the PV wgmma's A operand). ``attention_fwd`` dispatches here on sm_90
+for fp16/bf16 at D 64 and 128, except exact ALiBi (non-causal or fp32). Folded ALiBi's column
+bias rides on the scores' wgmma as one more k-step (``_alibi_a``, ``_alibi_b``), so the
 softmax loop runs the same instructions with and without it.
 
 Same conventions as ``attention.attn_fwd_kernel``: base-2 LSE, +inf for rows that see no
 key, causal mask aligned bottom-right, query blocks last to first, ALiBi in the folded form
 (causal 16-bit inputs). Tensors are read and written through 4-D TMA descriptors over
 (B, H, S, D) with [1, 1, rows, D] boxes (zero-filled past S; stores clipped there). Gluon has
-no interpreter: the GPU tier tests this kernel (tests/test_attention.py).
+no interpreter: the GPU tier tests these kernels (tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..runtime import empty
 from .attention import LOG2E, _strides
 
+ROWS = gl.constexpr(64)  # query rows per warpgroup
+# Registers per thread of the warp-specialised kernel's partitions (setmaxnreg): two consumer
+# warpgroups and the producer's, (2 * 240 + 24) * 128 <= the SM's 64K.
+CONSUMER_REGS = gl.constexpr(240)
+PRODUCER_REGS = gl.constexpr(24)
+
 
 @gluon.jit
 def _issue(desc, smem, bars, j, n_blocks, off_b, off_h, BLOCK_N: gl.constexpr,
@@ -58,36 +72,42 @@ def _issue(desc, smem, bars, j, n_blocks, off_b, off_h, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _alibi_operands(slope2, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    s_layout: gl.constexpr, b_smem):
+def _alibi_a(slope2, qk_scale, s_layout: gl.constexpr):
     """ALiBi's in-block column bias slope2 * c, c = key - BLOCK_N / 2 for the keys of a block
-    (centred: half the magnitude, so half the rounding), as one more k-step of 16 for the
-    scores' wgmma: A [BLOCK_M, 16] (returned, registers) has columns (hi, mid, lo) = slope2 /
-    qk_scale split over three bf16s, B [BLOCK_N, 16] (written into b_smem) has columns
-    (c, c, c), exact in bf16 for |c| <= 256. The tensor cores then add c * slope2 / qk_scale
-    to every raw score in fp32, so the softmax scales it with the scores and spends no
-    instruction on it. bf16 whatever q's dtype: the products go into the fp32 accumulator
-    either way, and bf16 has fp32's range."""
-    blk: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [BLOCK_M // 16, 1], [1, 0])
+    (centred: half the magnitude, so half the rounding), goes in as one more k-step of 16 of
+    the scores' wgmma. This is its A operand [ROWS, 16] (registers): columns (hi, mid, lo) =
+    slope2 / qk_scale split over three bf16s; B (``_alibi_b``) has columns (c, c, c). The
+    tensor cores then add c * slope2 / qk_scale to every raw score in fp32, so the softmax
+    scales it with the scores and spends no instruction on it. bf16 whatever q's dtype: the
+    products go into the fp32 accumulator either way, and bf16 has fp32's range."""
+    blk: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
     k16 = gl.arange(0, 16, layout=gl.SliceLayout(0, blk))
     r = slope2 / qk_scale
     hi = r.to(gl.bfloat16).to(gl.float32)
     mid = (r - hi).to(gl.bfloat16).to(gl.float32)
     lo = (r - hi - mid).to(gl.bfloat16).to(gl.float32)
     part = gl.where(k16 == 0, hi, gl.where(k16 == 1, mid, gl.where(k16 == 2, lo, 0.0)))
-    a = gl.zeros([BLOCK_M, 16], gl.float32, blk) + part[None, :]
-    c = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk)) - BLOCK_N // 2).to(gl.float32)
-    b = gl.where(k16[None, :] < 3, c[:, None], 0.0)
-    b_smem.store(b.to(gl.bfloat16))
+    a = gl.zeros([ROWS, 16], gl.float32, blk) + part[None, :]
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     return gl.convert_layout(a.to(gl.bfloat16), a_layout)
+
+
+@gluon.jit
+def _alibi_b(b_smem, BLOCK_N: gl.constexpr):
+    """Writes the B operand [BLOCK_N, 16] of ALiBi's k-step (``_alibi_a``) into b_smem
+    (bf16): columns (c, c, c, 0, ...), c = key - BLOCK_N / 2, exact in bf16 for |c| <= 256.
+    Run by 4 warps."""
+    blk: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
+    k16 = gl.arange(0, 16, layout=gl.SliceLayout(0, blk))
+    c = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk)) - BLOCK_N // 2).to(gl.float32)
+    b_smem.store(gl.where(k16[None, :] < 3, c[:, None], 0.0).to(gl.bfloat16))
 
 
 @gluon.jit
 def _scores(q2, k_stage, s_zero, bias_a, bias_b, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
             ALIBI: gl.constexpr, IS_ASYNC: gl.constexpr):
     """The raw scores Q K^T of one key stage [BLOCK_N, HEAD_DIM] (with ALIBI 2, plus the
-    column bias of ``_alibi_operands``): the wgmma's result, or its token if IS_ASYNC."""
+    column bias of ``_alibi_a``): the wgmma's result, or its token if IS_ASYNC."""
     k2 = k_stage.reshape([BLOCK_N, HEAD_DIM])
     s = warpgroup_mma(q2, k2.permute([1, 0]), s_zero, use_acc=False, is_async=IS_ASYNC)
     if ALIBI == 2:
@@ -96,10 +116,10 @@ def _scores(q2, k_stage, s_zero, bias_a, bias_b, HEAD_DIM: gl.constexpr, BLOCK_N
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
-                  s_layout: gl.constexpr):
-    """Online-softmax update for the scores s [BLOCK_M, BLOCK_N] of key block j: returns
+def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr, ALIBI: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax update for the scores s [ROWS, BLOCK_N] of rows m0.. and key block j:
+    returns
     (p fp32, alpha, m_new, l_new). Masks the causal diagonal and the key tail. ALIBI 2: s
     already holds the in-block column part of slope2 * (key - i - diag) (``_scores``); the
     block's offset slope2 * (start_n + BLOCK_N / 2 - m0 - diag), uniform over the block, goes
@@ -111,7 +131,7 @@ def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_M: gl.c
         needs_mask = needs_mask | (start_n + BLOCK_N - 1 > m0 + diag)
     if needs_mask:
         cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        rows = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         keep = cols[None, :] < SKV
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + diag)
@@ -132,46 +152,77 @@ def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_M: gl.c
     return p, alpha, m_new, l_new
 
 
+@gluon.constexpr_function
+def _acc_layout(n):
+    """The layout of a wgmma accumulator [ROWS, n] of one warpgroup (scores: n = BLOCK_N;
+    O: n = HEAD_DIM)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, o_smem, desc_o, LSE, off_bh, H, m0, SQ, slope2,
+              ALIBI: gl.constexpr):
+    """Rows m0.. of one warpgroup: O = acc / l through o_smem [1, 1, ROWS, D] (its Q stage,
+    no longer read) to the output by TMA, and the base-2 LSE m + log2(l) (+inf for rows that
+    saw no key; with ALIBI 2 less the per-row part of the bias, -slope2 * (i - m0))."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    empty_row = l_i == 0.0
+    l_safe = gl.where(empty_row, 1.0, l_i)
+    o = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    o_smem.reshape([ROWS, acc.shape[1]]).store(o.to(o_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(desc_o, [off_bh // H, off_bh % H, m0, 0], o_smem)
+    offs_i = gl.arange(0, ROWS, layout=m_i.type.layout)
+    lse2 = m_i + gl.log2(l_safe)
+    if ALIBI == 2:
+        lse2 -= slope2 * offs_i.to(gl.float32)
+    lse = gl.where(empty_row, float("inf"), lse2)
+    rows = m0 + offs_i
+    gl.store(LSE + off_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _program(SQ, SKV, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's (off_bh, first row m0, diag = Skv - Sq, number of key blocks): query
+    blocks run last to first under the causal mask (the longest first)."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    m0 = pid_m * BLOCK_M
+    diag = SKV - SQ
+    hi = SKV
+    if CAUSAL:
+        hi = gl.maximum(gl.minimum(m0 + BLOCK_M + diag, SKV), 0)
+    return gl.program_id(1), m0, diag, gl.cdiv(hi, BLOCK_N)
+
+
 @gluon.jit
 def attn_fwd_gluon_kernel(
-    desc_q,  # queries, (B, H, SQ, D), box [1, 1, BLOCK_M, D]
+    desc_q,  # queries, (B, H, SQ, D), box [1, 1, ROWS, D]
     desc_k,  # keys, (B, H, SKV, D), box [1, 1, BLOCK_N, D]
     desc_v,  # values, (B, H, SKV, D), box [1, 1, BLOCK_N, D]
-    desc_o,  # output (written), (B, H, SQ, D), box [1, 1, BLOCK_M, D], q's dtype
+    desc_o,  # output (written), (B, H, SQ, D), box [1, 1, ROWS, D], q's dtype
     LSE,  # logsumexp (written), fp32, contiguous (B, H, SQ), base 2, +inf for empty rows
     SLOPES,  # ALiBi slopes, fp32, (H,) (unused if ALIBI == 0)
     H, SQ, SKV,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: gl.constexpr,
-    BLOCK_M: gl.constexpr,  # 64 or 128: one warpgroup (4 warps) per 64 rows
     BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr,  # key blocks in flight
     V_STAGES: gl.constexpr,  # value blocks in flight
     CAUSAL: gl.constexpr,
     ALIBI: gl.constexpr,  # 0 none, 2 folded (causal)
 ):
+    """ROWS query rows per program: one warpgroup, which also refills its own rings."""
     dtype: gl.constexpr = desc_q.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                       warps_per_cta=[BLOCK_M // 16, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                       warps_per_cta=[BLOCK_M // 16, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    off_bh = gl.program_id(1)
+    off_bh, m0, diag, n_blocks = _program(SQ, SKV, ROWS, BLOCK_N, CAUSAL)
     off_b = off_bh // H
     off_h = off_bh % H
-    m0 = pid_m * BLOCK_M
-    diag = SKV - SQ
-    hi = SKV
-    if CAUSAL:
-        hi = gl.maximum(gl.minimum(m0 + BLOCK_M + diag, SKV), 0)
-    n_blocks = gl.cdiv(hi, BLOCK_N)
     slope2 = 0.0
     bias_a = 0
     bias_b = 0
@@ -180,9 +231,10 @@ def attn_fwd_gluon_kernel(
         bias_b = gl.allocate_shared_memory(
             gl.bfloat16, [BLOCK_N, 16],
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], gl.bfloat16))
-        bias_a = _alibi_operands(slope2, qk_scale, BLOCK_M, BLOCK_N, s_layout, bias_b)
+        _alibi_b(bias_b, BLOCK_N)
+        bias_a = _alibi_a(slope2, qk_scale, s_layout)
 
-    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, ROWS, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
                                        desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
@@ -208,11 +260,11 @@ def attn_fwd_gluon_kernel(
     for i in gl.static_range(V_STAGES):
         _issue(desc_v, v_smem, v_bars, i, n_blocks, off_b, off_h, BLOCK_N, V_STAGES)
 
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    q2 = q_smem.reshape([ROWS, HEAD_DIM])
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     mbarrier.wait(q_bar, 0)
 
     if n_blocks > 0:
@@ -221,7 +273,7 @@ def attn_fwd_gluon_kernel(
         s = _scores(q2, k_smem.index(0), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N, ALIBI,
                     False)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, m0, diag, SKV, qk_scale, slope2,
-                                           BLOCK_M, BLOCK_N, CAUSAL, ALIBI, s_layout)
+                                           BLOCK_N, CAUSAL, ALIBI, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         gl.thread_barrier()  # every warp is done with key stage 0
         _issue(desc_k, k_smem, k_bars, K_STAGES, n_blocks, off_b, off_h, BLOCK_N, K_STAGES)
@@ -237,9 +289,9 @@ def attn_fwd_gluon_kernel(
             # wgmma groups retire in issue order: S_j first, P_{j-1} V_{j-1} may still run
             s = warpgroup_mma_wait(1, deps=[s_tok])
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2,
-                                               BLOCK_M, BLOCK_N, CAUSAL, ALIBI, s_layout)
+                                               BLOCK_N, CAUSAL, ALIBI, s_layout)
             acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             gl.thread_barrier()  # every warp is done with key stage `slot`, value stage `prev`
             _issue(desc_k, k_smem, k_bars, j + K_STAGES, n_blocks, off_b, off_h, BLOCK_N,
@@ -250,27 +302,159 @@ def attn_fwd_gluon_kernel(
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // V_STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
 
-    empty_row = l_i == 0.0
-    l_safe = gl.where(empty_row, 1.0, l_i)
-    o = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    q_smem.reshape([BLOCK_M, HEAD_DIM]).store(o.to(dtype))  # Q is no longer read: O's stage
-    fence_async_shared()
-    gl.thread_barrier()
-    tma.async_copy_shared_to_global(desc_o, [off_b, off_h, m0, 0], q_smem)
-
-    offs_i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    lse2 = m_i + gl.log2(l_safe)
-    if ALIBI == 2:
-        lse2 -= slope2 * offs_i.to(gl.float32)  # the per-row part of the bias, left out above
-    lse = gl.where(empty_row, float("inf"), lse2)
-    rows = m0 + offs_i
-    gl.store(LSE + off_bh.to(gl.int64) * SQ + rows, lse, mask=rows < SQ)
-    tma.store_wait(0)
+    _epilogue(acc, m_i, l_i, q_smem, desc_o, LSE, off_bh, H, m0, SQ, slope2, ALIBI)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(K_STAGES):
         mbarrier.invalidate(k_bars.index(i))
     for i in gl.static_range(V_STAGES):
         mbarrier.invalidate(v_bars.index(i))
+
+
+@gluon.jit
+def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty,
+                 v_ready, v_empty, off_bh, H, m0, n_blocks, BLOCK_N: gl.constexpr,
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    """The producer warp: both consumers' Q, then key and value block j into stage
+    j % STAGES of its ring once both consumers have released the block there before it."""
+    off_b = off_bh // H
+    off_h = off_bh % H
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [off_b, off_h, m0 + w * ROWS, 0],
+                                        q_bars.index(w), q_smem.index(w))
+    for j in range(n_blocks):
+        ks = j % K_STAGES
+        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)  # the first round passes
+        mbarrier.expect(k_ready.index(ks), desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [off_b, off_h, j * BLOCK_N, 0],
+                                        k_ready.index(ks), k_smem.index(ks))
+        vs = j % V_STAGES
+        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+        mbarrier.expect(v_ready.index(vs), desc_v.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_v, [off_b, off_h, j * BLOCK_N, 0],
+                                        v_ready.index(vs), v_smem.index(vs))
+
+
+@gluon.jit
+def _ws_consumer(W: gl.constexpr, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
+                 k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV, n_blocks,
+                 qk_scale, slope2, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 ALIBI: gl.constexpr):
+    """Consumer warpgroup W (rows m0 + W * ROWS ..): the loop of ``attn_fwd_gluon_kernel``,
+    with its wgmmas issued only on its turn (it waits on turn[W], then hands the turn to the
+    other consumer) and its key and value stages released to the producer."""
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    mw = m0 + W * ROWS
+    bias_a = 0
+    if ALIBI != 0:
+        bias_a = _alibi_a(slope2, qk_scale, s_layout)
+    q2 = q_smem.index(W).reshape([ROWS, HEAD_DIM])
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+    mbarrier.wait(q_bars.index(W), 0)
+    if n_blocks > 0:
+        mbarrier.wait(turn.index(W), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = _scores(q2, k_smem.index(0), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N, ALIBI,
+                        True)
+        mbarrier.arrive(turn.index(1 - W))
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, mw, diag, SKV, qk_scale, slope2,
+                                           BLOCK_N, CAUSAL, ALIBI, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_blocks):
+            ks = j % K_STAGES
+            prev = (j - 1) % V_STAGES
+            mbarrier.wait(turn.index(W), j & 1)
+            mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+            s_tok = _scores(q2, k_smem.index(ks), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
+                            ALIBI, True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // V_STAGES) & 1)
+            v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
+            acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - W))
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(ks))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, mw, diag, SKV, qk_scale, slope2,
+                                               BLOCK_N, CAUSAL, ALIBI, s_layout)
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (n_blocks - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // V_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
+        mbarrier.arrive(v_empty.index(last))
+    _epilogue(acc, m_i, l_i, q_smem.index(W), desc_o, LSE, off_bh, H, mw, SQ, slope2, ALIBI)
+
+
+@gluon.jit
+def attn_fwd_gluon_ws_kernel(
+    desc_q, desc_k, desc_v, desc_o, LSE, SLOPES, H, SQ, SKV, qk_scale,  # as attn_fwd_gluon_kernel
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    K_STAGES: gl.constexpr,
+    V_STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    ALIBI: gl.constexpr,
+):
+    """2 * ROWS query rows per program: two consumer warpgroups (the 4 warps of the launch and
+    a worker partition) and a producer warp (``_ws_producer``). Key stages hold for both
+    consumers (their empty barriers count two arrivals); turn[w] orders the consumers' wgmma
+    issue, starting with consumer 0."""
+    dtype: gl.constexpr = desc_q.dtype
+    off_bh, m0, diag, n_blocks = _program(SQ, SKV, 2 * ROWS, BLOCK_N, CAUSAL)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, ROWS, HEAD_DIM], desc_q.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                       desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
+                                       desc_v.layout)
+    slope2 = 0.0
+    bias_b = 0
+    if ALIBI != 0:
+        slope2 = gl.load(SLOPES + off_bh % H) * 1.4426950408889634
+        bias_b = gl.allocate_shared_memory(
+            gl.bfloat16, [BLOCK_N, 16],
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], gl.bfloat16))
+        _alibi_b(bias_b, BLOCK_N)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+    gl.thread_barrier()  # bias_b and the barriers are ready before any partition starts
+    mbarrier.arrive(turn.index(0))
+    gl.warp_specialize(
+        [(_ws_consumer, (0, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
+                         k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV,
+                         n_blocks, qk_scale, slope2, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES,
+                         CAUSAL, ALIBI)),
+         (_ws_consumer, (1, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
+                         k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV,
+                         n_blocks, qk_scale, slope2, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES,
+                         CAUSAL, ALIBI)),
+         (_ws_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_ready,
+                         k_empty, v_ready, v_empty, off_bh, H, m0, n_blocks, BLOCK_N, K_STAGES,
+                         V_STAGES))],
+        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 @functools.cache
@@ -294,28 +478,32 @@ def _gluon_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tensor | None = None,
                         block_m: int = 64, block_n: int = 64, k_stages: int = 2,
                         v_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward through ``attn_fwd_gluon_kernel`` on an sm_90 device.
+    """The forward through ``attn_fwd_gluon_kernel`` (block_m 64) or the warp-specialised
+    ``attn_fwd_gluon_ws_kernel`` (block_m 128) on an sm_90 device.
 
     q (B, H, Sq, D), k, v (B, H, Skv, D): bf16 or fp16, D 64 or 128, layouts TMA can read
     (unit last stride, 16-byte aligned strides; ops/attention.py ensures it). slopes: fp32
-    (H,), causal only (folded ALiBi). block_m (64 or 128, 4 warps per 64 rows), block_n,
-    k_stages, v_stages: the kernel's tiling (``attention.gluon_tiling``).
+    (H,), causal only (folded ALiBi). block_m, block_n, k_stages, v_stages: the tiling
+    (``attention.gluon_tiling``).
 
     Returns (out contiguous (B, H, Sq, D) in q's dtype, lse fp32 contiguous (B, H, Sq)), like
     ``attention_fwd``.
     """
     if slopes is not None and not causal:
         raise ValueError("the Gluon forward takes ALiBi with the causal mask only")
+    if block_m not in (64, 128):
+        raise ValueError(f"block_m must be 64 (one warpgroup) or 128 (warp-specialised), "
+                         f"got {block_m}")
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
-    grid = (triton.cdiv(SQ, block_m), B * H)
-    attn_fwd_gluon_kernel[grid](
-        _gluon_desc(q, block_m), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
-        _gluon_desc(out, block_m),
+    kernel = attn_fwd_gluon_kernel if block_m == 64 else attn_fwd_gluon_ws_kernel
+    kernel[(triton.cdiv(SQ, block_m), B * H)](
+        _gluon_desc(q, ROWS.value), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
+        _gluon_desc(out, ROWS.value),
         lse, slopes if slopes is not None else lse, H, SQ, SKV, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages,
-        CAUSAL=causal, ALIBI=0 if slopes is None else 2, num_warps=block_m // 16,
+        HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages, CAUSAL=causal,
+        ALIBI=0 if slopes is None else 2, num_warps=4,
     )
     return out, lse
