@@ -248,8 +248,9 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
     """On sm_90 the 16-bit forward at D 64/128 is the Gluon kernel (checked against float64
     by test_attention_gpu): the Triton kernel it replaces there, still the forward of other
     GPUs, gives the same output and LSE (tails, Sq < Skv, Sq = 1, full and causal, folded
-    ALiBi with the standard slopes and with steep ones, keys past 1024 and 2048 where
-    GLUON_FWD switches tiling or kernel)."""
+    ALiBi with the standard slopes and with steep ones, keys past 2048 where GLUON_FWD
+    switches tiling, enough tiles at D128 that the persistent kernel's programs take several
+    each)."""
     from tritonformer.kernels import attention as ka
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -261,7 +262,9 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
                                          (1, 3, 300, 2500, True, True),
                                          (1, 2, 2100, 2100, True, False),
                                          (2, 2, 1100, 1100, False, False),
-                                         (1, 2, 1, 1500, True, False)]:  # fmt: skip
+                                         (1, 2, 1, 1500, True, False),
+                                         (4, 16, 600, 600, True, True),
+                                         (3, 16, 700, 650, True, False)]:  # fmt: skip
         q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
         slopes = ops.alibi_slopes(h) if alibi else None

@@ -108,10 +108,8 @@ GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, in
     # 128-key blocks need V_STAGES 1 with ALiBi (its bias operand pushes two value stages past
     # a third program's shared memory) and waste more of the diagonal block at short lengths
     (64, True): [(2048, (64, 64, 2, 2)), (None, (64, 128, 2, 1))],
-    # the warp-specialised kernel runs one program per SM, whose start and end it does not
-    # overlap: short rows of key blocks do better with three single-warpgroup programs per SM
-    (128, False): [(1024, (64, 64, 2, 1)), (None, (128, 128, 2, 2))],
-    (128, True): [(1024, (64, 64, 2, 1)), (None, (128, 128, 2, 2))],
+    (128, False): [(None, (128, 128, 2, 2))],
+    (128, True): [(None, (128, 128, 2, 2))],
 }
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels

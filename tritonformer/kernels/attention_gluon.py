@@ -17,7 +17,10 @@ Two kernels, picked by the tiling's BLOCK_M (``attention.GLUON_FWD``):
 - 128 rows, ``attn_fwd_gluon_ws_kernel`` (FA3's other halves, warp-specialised): a producer
   warp fills key and value rings shared by two consumer warpgroups of 64 rows, which take
   turns at the tensor cores (ping-pong: one issues its wgmmas while the other runs its
-  softmax). One program per SM, CONSUMER_REGS registers per consumer thread.
+  softmax). Persistent, one program per SM (CONSUMER_REGS registers per consumer thread),
+  tiles handed out in order by an atomic counter (each head's longest rows first, heads one
+  after another, so the programs at work share keys and values in L2); the next tile's loads
+  overlap the end of this one.
 
 P stays in registers (the PV wgmma's A operand). ``attention_fwd`` dispatches here on sm_90
 for fp16/bf16 at D 64 and 128, except exact ALiBi (non-causal or fp32). Folded ALiBi's column
@@ -48,7 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..runtime import empty
+from ..runtime import device_index, empty, num_sms
 from .attention import LOG2E, _strides
 
 ROWS = gl.constexpr(64)  # query rows per warpgroup
@@ -184,18 +187,17 @@ def _epilogue(acc, m_i, l_i, o_smem, desc_o, LSE, off_bh, H, m0, SQ, slope2,
 
 
 @gluon.jit
-def _program(SQ, SKV, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """This program's (off_bh, first row m0, diag = Skv - Sq, number of key blocks): query
-    blocks run last to first under the causal mask (the longest first)."""
-    pid_m = gl.program_id(0)
+def _tile(qb, n_qb, SQ, SKV, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Query block qb of n_qb: (first row m0, diag = Skv - Sq, number of key blocks). Under
+    the causal mask the blocks run last to first (the longest first)."""
     if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    m0 = pid_m * BLOCK_M
+        qb = n_qb - 1 - qb
+    m0 = qb * BLOCK_M
     diag = SKV - SQ
     hi = SKV
     if CAUSAL:
         hi = gl.maximum(gl.minimum(m0 + BLOCK_M + diag, SKV), 0)
-    return gl.program_id(1), m0, diag, gl.cdiv(hi, BLOCK_N)
+    return m0, diag, gl.cdiv(hi, BLOCK_N)
 
 
 @gluon.jit
@@ -220,7 +222,9 @@ def attn_fwd_gluon_kernel(
     s_layout: gl.constexpr = _acc_layout(BLOCK_N)
     o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    off_bh, m0, diag, n_blocks = _program(SQ, SKV, ROWS, BLOCK_N, CAUSAL)
+    m0, diag, n_blocks = _tile(gl.program_id(0), gl.num_programs(0), SQ, SKV, ROWS, BLOCK_N,
+                               CAUSAL)
+    off_bh = gl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
     slope2 = 0.0
@@ -311,93 +315,142 @@ def attn_fwd_gluon_kernel(
 
 
 @gluon.jit
-def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_ready, k_empty,
-                 v_ready, v_empty, off_bh, H, m0, n_blocks, BLOCK_N: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    """The producer warp: both consumers' Q, then key and value block j into stage
-    j % STAGES of its ring once both consumers have released the block there before it."""
-    off_b = off_bh // H
-    off_h = off_bh % H
+def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, tiles, q_ready, q_empty,
+                 k_ready, k_empty, v_ready, v_empty, TILE_COUNTER, H, SQ, SKV, n_tiles,
+                 BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr):
+    """The producer warp. Tiles: its program id first, then the next of TILE_COUNTER (tiles in
+    order: heads outer, each head's longest rows first). Per tile i, once both consumers have
+    released buffer i % 2: the tile's index into tiles[i % 2] and both consumers' Q into their
+    stage of that buffer; then key and value block c (counted over the program's tiles) into
+    stage c % STAGES of its ring once both consumers have released the block there before it.
+    Past the last tile, n_tiles in the next tile slot tells the consumers to stop."""
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    n_qb = gl.cdiv(SQ, 2 * ROWS)
+    c = 0
+    i = 0
+    t = gl.program_id(0)
+    while t < n_tiles:
+        for w in gl.static_range(2):
+            mbarrier.wait(q_empty.index((i % 2) * 2 + w), ((i // 2) & 1) ^ 1)  # 1st round passes
+        tiles.index(i % 2).store(gl.full([1], t, gl.int32, one))
+        gl.thread_barrier()
+        off_bh = t // n_qb
+        m0, diag, n_blocks = _tile(t % n_qb, n_qb, SQ, SKV, 2 * ROWS, BLOCK_N, CAUSAL)
+        off_b = off_bh // H
+        off_h = off_bh % H
+        for w in gl.static_range(2):
+            qs = (i % 2) * 2 + w
+            mbarrier.expect(q_ready.index(qs), desc_q.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [off_b, off_h, m0 + w * ROWS, 0],
+                                            q_ready.index(qs), q_smem.index(qs))
+        for j in range(n_blocks):
+            ks = c % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((c // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(ks), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [off_b, off_h, j * BLOCK_N, 0],
+                                            k_ready.index(ks), k_smem.index(ks))
+            vs = c % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((c // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(vs), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [off_b, off_h, j * BLOCK_N, 0],
+                                            v_ready.index(vs), v_smem.index(vs))
+            c += 1
+        i += 1
+        t = gl.atomic_add(TILE_COUNTER, 1) + gl.num_programs(0)
     for w in gl.static_range(2):
-        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [off_b, off_h, m0 + w * ROWS, 0],
-                                        q_bars.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        ks = j % K_STAGES
-        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)  # the first round passes
-        mbarrier.expect(k_ready.index(ks), desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [off_b, off_h, j * BLOCK_N, 0],
-                                        k_ready.index(ks), k_smem.index(ks))
-        vs = j % V_STAGES
-        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-        mbarrier.expect(v_ready.index(vs), desc_v.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_v, [off_b, off_h, j * BLOCK_N, 0],
-                                        v_ready.index(vs), v_smem.index(vs))
+        mbarrier.wait(q_empty.index((i % 2) * 2 + w), ((i // 2) & 1) ^ 1)
+    tiles.index(i % 2).store(gl.full([1], n_tiles, gl.int32, one))
+    gl.thread_barrier()
+    for w in gl.static_range(2):
+        mbarrier.arrive(q_ready.index((i % 2) * 2 + w))
 
 
 @gluon.jit
-def _ws_consumer(W: gl.constexpr, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
-                 k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV, n_blocks,
-                 qk_scale, slope2, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+def _ws_consumer(W: gl.constexpr, desc_o, LSE, SLOPES, q_smem, k_smem, v_smem, tiles, bias_b,
+                 q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, H, SQ, SKV, n_tiles,
+                 qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                  ALIBI: gl.constexpr):
-    """Consumer warpgroup W (rows m0 + W * ROWS ..): the loop of ``attn_fwd_gluon_kernel``,
-    with its wgmmas issued only on its turn (it waits on turn[W], then hands the turn to the
-    other consumer) and its key and value stages released to the producer."""
+    """Consumer warpgroup W, over the tiles the producer hands out (rows m0 + W * ROWS .. of
+    each): the loop of ``attn_fwd_gluon_kernel``, with its wgmmas issued only on its turn (it
+    waits on turn[W], then hands the turn to the other consumer), its key and value stages
+    released to the producer, and its Q stage released once O (staged there) is stored."""
     dtype: gl.constexpr = q_smem.dtype
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     s_layout: gl.constexpr = _acc_layout(BLOCK_N)
     o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    mw = m0 + W * ROWS
-    bias_a = 0
-    if ALIBI != 0:
-        bias_a = _alibi_a(slope2, qk_scale, s_layout)
-    q2 = q_smem.index(W).reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-    mbarrier.wait(q_bars.index(W), 0)
-    if n_blocks > 0:
-        mbarrier.wait(turn.index(W), 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = _scores(q2, k_smem.index(0), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N, ALIBI,
-                        True)
-        mbarrier.arrive(turn.index(1 - W))
-        s = warpgroup_mma_wait(0, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(0))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, mw, diag, SKV, qk_scale, slope2,
-                                           BLOCK_N, CAUSAL, ALIBI, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_blocks):
-            ks = j % K_STAGES
-            prev = (j - 1) % V_STAGES
-            mbarrier.wait(turn.index(W), j & 1)
-            mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+    n_qb = gl.cdiv(SQ, 2 * ROWS)
+    c = 0  # key blocks so far: ring slots and phases, and the turn's phase
+    i = 0  # tiles so far: Q buffer and phase
+    mbarrier.wait(q_ready.index(W), 0)
+    t = gl.max(tiles.index(0).load(one), 0)
+    while t < n_tiles:
+        qs = (i % 2) * 2 + W
+        off_bh = t // n_qb
+        m0, diag, n_blocks = _tile(t % n_qb, n_qb, SQ, SKV, 2 * ROWS, BLOCK_N, CAUSAL)
+        mw = m0 + W * ROWS
+        slope2 = 0.0
+        bias_a = 0
+        if ALIBI != 0:
+            slope2 = gl.load(SLOPES + off_bh % H) * 1.4426950408889634
+            bias_a = _alibi_a(slope2, qk_scale, s_layout)
+        q2 = q_smem.index(qs).reshape([ROWS, HEAD_DIM])
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+        if n_blocks > 0:
+            ks = c % K_STAGES
+            mbarrier.wait(turn.index(W), c & 1)
+            mbarrier.wait(k_ready.index(ks), (c // K_STAGES) & 1)
             s_tok = _scores(q2, k_smem.index(ks), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
                             ALIBI, True)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // V_STAGES) & 1)
-            v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
-            acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
             mbarrier.arrive(turn.index(1 - W))
-            s = warpgroup_mma_wait(1, deps=[s_tok])
+            s = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(ks))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, mw, diag, SKV, qk_scale, slope2,
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, mw, diag, SKV, qk_scale, slope2,
                                                BLOCK_N, CAUSAL, ALIBI, s_layout)
-            acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            mbarrier.arrive(v_empty.index(prev))
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (n_blocks - 1) % V_STAGES
-        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
-        mbarrier.arrive(v_empty.index(last))
-    _epilogue(acc, m_i, l_i, q_smem.index(W), desc_o, LSE, off_bh, H, mw, SQ, slope2, ALIBI)
+            for j in range(1, n_blocks):
+                cj = c + j
+                ks = cj % K_STAGES
+                prev = (cj - 1) % V_STAGES
+                mbarrier.wait(turn.index(W), cj & 1)
+                mbarrier.wait(k_ready.index(ks), (cj // K_STAGES) & 1)
+                s_tok = _scores(q2, k_smem.index(ks), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
+                                ALIBI, True)
+                mbarrier.wait(v_ready.index(prev), ((cj - 1) // V_STAGES) & 1)
+                v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
+                acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
+                mbarrier.arrive(turn.index(1 - W))
+                s = warpgroup_mma_wait(1, deps=[s_tok])
+                mbarrier.arrive(k_empty.index(ks))
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, mw, diag, SKV, qk_scale,
+                                                   slope2, BLOCK_N, CAUSAL, ALIBI, s_layout)
+                acc = warpgroup_mma_wait(0, deps=[acc_tok])
+                mbarrier.arrive(v_empty.index(prev))
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            last = (c + n_blocks - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(last), ((c + n_blocks - 1) // V_STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
+            mbarrier.arrive(v_empty.index(last))
+        _epilogue(acc, m_i, l_i, q_smem.index(qs), desc_o, LSE, off_bh, H, mw, SQ, slope2,
+                  ALIBI)
+        mbarrier.arrive(q_empty.index(qs))
+        c += n_blocks
+        i += 1
+        mbarrier.wait(q_ready.index((i % 2) * 2 + W), (i // 2) & 1)
+        t = gl.max(tiles.index(i % 2).load(one), 0)
 
 
 @gluon.jit
 def attn_fwd_gluon_ws_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, SLOPES, H, SQ, SKV, qk_scale,  # as attn_fwd_gluon_kernel
+    n_tiles,  # B * H * cdiv(SQ, 2 * ROWS): (head, query block) tiles, heads outer
+    TILE_COUNTER,  # int32, zero: tiles handed out past the first one per program
     HEAD_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
     K_STAGES: gl.constexpr,
@@ -405,33 +458,37 @@ def attn_fwd_gluon_ws_kernel(
     CAUSAL: gl.constexpr,
     ALIBI: gl.constexpr,
 ):
-    """2 * ROWS query rows per program: two consumer warpgroups (the 4 warps of the launch and
-    a worker partition) and a producer warp (``_ws_producer``). Key stages hold for both
-    consumers (their empty barriers count two arrivals); turn[w] orders the consumers' wgmma
-    issue, starting with consumer 0."""
+    """Persistent: each program (one per SM) takes tiles of 2 * ROWS query rows, its program id
+    first, then the next free one (TILE_COUNTER): the longest first, balanced as they finish.
+    Two consumer warpgroups (the 4 warps of the launch and a worker partition) and a producer
+    warp (``_ws_producer``). Key and value stages hold for both consumers (their empty
+    barriers count two arrivals); turn[w] orders the consumers' wgmma issue, starting with
+    consumer 0; Q (and the tile index) has two buffers, so the next tile's loads overlap this
+    tile's end."""
     dtype: gl.constexpr = desc_q.dtype
-    off_bh, m0, diag, n_blocks = _program(SQ, SKV, 2 * ROWS, BLOCK_N, CAUSAL)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, ROWS, HEAD_DIM], desc_q.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [4, 1, 1, ROWS, HEAD_DIM], desc_q.layout)
+    tiles = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
                                        desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, 1, BLOCK_N, HEAD_DIM],
                                        desc_v.layout)
-    slope2 = 0.0
     bias_b = 0
     if ALIBI != 0:
-        slope2 = gl.load(SLOPES + off_bh % H) * 1.4426950408889634
         bias_b = gl.allocate_shared_memory(
             gl.bfloat16, [BLOCK_N, 16],
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], gl.bfloat16))
         _alibi_b(bias_b, BLOCK_N)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(4):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
     for i in gl.static_range(2):
-        mbarrier.init(q_bars.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
@@ -443,17 +500,15 @@ def attn_fwd_gluon_ws_kernel(
     gl.thread_barrier()  # bias_b and the barriers are ready before any partition starts
     mbarrier.arrive(turn.index(0))
     gl.warp_specialize(
-        [(_ws_consumer, (0, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
-                         k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV,
-                         n_blocks, qk_scale, slope2, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES,
-                         CAUSAL, ALIBI)),
-         (_ws_consumer, (1, desc_o, LSE, q_smem, k_smem, v_smem, bias_b, q_bars, k_ready,
-                         k_empty, v_ready, v_empty, turn, off_bh, H, m0, diag, SQ, SKV,
-                         n_blocks, qk_scale, slope2, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES,
-                         CAUSAL, ALIBI)),
-         (_ws_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_ready,
-                         k_empty, v_ready, v_empty, off_bh, H, m0, n_blocks, BLOCK_N, K_STAGES,
-                         V_STAGES))],
+        [(_ws_consumer, (0, desc_o, LSE, SLOPES, q_smem, k_smem, v_smem, tiles, bias_b, q_ready,
+                         q_empty, k_ready, k_empty, v_ready, v_empty, turn, H, SQ, SKV, n_tiles,
+                         qk_scale, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, CAUSAL, ALIBI)),
+         (_ws_consumer, (1, desc_o, LSE, SLOPES, q_smem, k_smem, v_smem, tiles, bias_b, q_ready,
+                         q_empty, k_ready, k_empty, v_ready, v_empty, turn, H, SQ, SKV, n_tiles,
+                         qk_scale, HEAD_DIM, BLOCK_N, K_STAGES, V_STAGES, CAUSAL, ALIBI)),
+         (_ws_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, tiles, q_ready,
+                         q_empty, k_ready, k_empty, v_ready, v_empty, TILE_COUNTER, H, SQ, SKV,
+                         n_tiles, BLOCK_N, K_STAGES, V_STAGES, CAUSAL))],
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -498,12 +553,16 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
     SKV = k.shape[2]
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
-    kernel = attn_fwd_gluon_kernel if block_m == 64 else attn_fwd_gluon_ws_kernel
-    kernel[(triton.cdiv(SQ, block_m), B * H)](
-        _gluon_desc(q, ROWS.value), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
-        _gluon_desc(out, ROWS.value),
-        lse, slopes if slopes is not None else lse, H, SQ, SKV, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages, CAUSAL=causal,
-        ALIBI=0 if slopes is None else 2, num_warps=4,
-    )
+    args = (_gluon_desc(q, ROWS.value), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
+            _gluon_desc(out, ROWS.value), lse, slopes if slopes is not None else lse, H, SQ, SKV,
+            scale * LOG2E)
+    meta = dict(HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages,
+                CAUSAL=causal, ALIBI=0 if slopes is None else 2, num_warps=4)
+    if block_m == 64:
+        attn_fwd_gluon_kernel[(triton.cdiv(SQ, block_m), B * H)](*args, **meta)
+    else:
+        n_tiles = triton.cdiv(SQ, block_m) * B * H
+        programs = min(n_tiles, num_sms(device_index(q)))
+        counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+        attn_fwd_gluon_ws_kernel[(programs,)](*args, n_tiles, counter, **meta)
     return out, lse
