@@ -281,6 +281,46 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
         torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5, msg=case)
 
 
+def test_launch_key_tells_descriptors_apart():
+    """runtime.launch keeps one compiled kernel per specialisation; the Gluon forward's
+    arguments are TMA descriptors, which Triton compiles per element type and box."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from tritonformer.runtime import _specialization
+
+    def desc(dtype, rows):
+        t = torch.randn(2, 3, 100, 64).to(dtype)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, 64])
+
+    assert _specialization(desc(torch.bfloat16, 64)) == _specialization(desc(torch.bfloat16, 64))
+    assert _specialization(desc(torch.bfloat16, 64)) != _specialization(desc(torch.float16, 64))
+    assert _specialization(desc(torch.bfloat16, 64)) != _specialization(desc(torch.bfloat16, 128))
+
+
+@gpu
+@requires_gpu
+def test_attention_fwd_gluon_launch_cache_gpu():
+    """The Gluon forward launches its compiled kernel directly after the first call: fp16 and
+    bf16 calls of one shape, interleaved, each get their own binary (against the Triton
+    forward)."""
+    from tritonformer.kernels import attention as ka
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward runs on sm_90 only")
+    for d in (64, 128):
+        for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+            q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=dtype) for _ in range(3))
+            got, got_lse = ka.attention_fwd(q, k, v, None, True, d**-0.5, False)
+            saved, ka.GLUON_FWD = ka.GLUON_FWD, None
+            try:
+                want, want_lse = ka.attention_fwd(q, k, v, None, True, d**-0.5, False)
+            finally:
+                ka.GLUON_FWD = saved
+            torch.testing.assert_close(got, want, atol=2e-2 if dtype == torch.bfloat16 else 2e-3,
+                                       rtol=0, msg=f"D{d} {dtype}")
+            torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5)
+
+
 def test_deterministic_dq():
     """dQ by fp32 reduce-adds (order varies) unless torch.use_deterministic_algorithms asks
     for a fixed order, then by its own kernel."""

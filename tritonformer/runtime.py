@@ -227,10 +227,13 @@ _compiled_kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, stream ge
 
 def _specialization(a: object) -> object:
     """What Triton specialises a compiled kernel on for one runtime argument: a tensor's dtype
-    and 16-byte alignment; an int's being 1, its divisibility by 16 and its width; else the
+    and 16-byte alignment; a host-side TMA descriptor's element type and box (its layout
+    follows from them); an int's being 1, its divisibility by 16 and its width; else the
     argument's type (a float is fp32, None a constexpr)."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(getattr(a, "base", None), torch.Tensor):  # a TensorDescriptor
+        return type(a), a.base.dtype, tuple(a.block_shape)
     if type(a) is int:
         return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
     return type(a)

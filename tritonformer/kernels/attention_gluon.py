@@ -51,7 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..runtime import device_index, empty, num_sms
+from ..runtime import device_index, empty, launch, num_sms
 from .attention import LOG2E, _strides
 
 ROWS = gl.constexpr(64)  # query rows per warpgroup
@@ -160,6 +160,37 @@ def _acc_layout(n):
     """The layout of a wgmma accumulator [ROWS, n] of one warpgroup (scores: n = BLOCK_N;
     O: n = HEAD_DIM)."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _step(q2, k_stage, v_stage, v_ready, v_phase, p_op, acc, m_i, l_i, j, m0, diag, SKV,
+          qk_scale, slope2, s_zero, bias_a, bias_b, turn_next, k_free, v_free,
+          HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+          ALIBI: gl.constexpr, SIGNAL: gl.constexpr):
+    """One key block j >= 1 of a warpgroup (its key stage ready): S_j and P_{j-1} V_{j-1}
+    issued async (the latter once v_ready's phase v_phase is done), the softmax of S_j while
+    P_{j-1} V_{j-1} runs, then O rescaled. Returns (P_j as the next PV's A operand, O, m, l).
+    SIGNAL (warp-specialised consumers): arrive on turn_next once both wgmmas are issued, on
+    k_free once S_j is read, on v_free once P_{j-1} V_{j-1} is done."""
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_tok = _scores(q2, k_stage, s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N, ALIBI, True)
+    mbarrier.wait(v_ready, v_phase)
+    acc_tok = warpgroup_mma(p_op, v_stage.reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+    if SIGNAL:
+        mbarrier.arrive(turn_next)
+    # wgmma groups retire in issue order: S_j first, P_{j-1} V_{j-1} may still run
+    s = warpgroup_mma_wait(1, deps=[s_tok])
+    if SIGNAL:
+        mbarrier.arrive(k_free)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_N,
+                                       CAUSAL, ALIBI, s_layout)
+    acc = warpgroup_mma_wait(0, deps=[acc_tok])
+    if SIGNAL:
+        mbarrier.arrive(v_free)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return gl.convert_layout(p.to(p_op.dtype), p_layout), acc, m_i, l_i
 
 
 @gluon.jit
@@ -285,18 +316,11 @@ def attn_fwd_gluon_kernel(
             slot = j % K_STAGES
             prev = (j - 1) % V_STAGES
             mbarrier.wait(k_bars.index(slot), (j // K_STAGES) & 1)
-            s_tok = _scores(q2, k_smem.index(slot), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
-                            ALIBI, True)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // V_STAGES) & 1)
-            v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
-            acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
-            # wgmma groups retire in issue order: S_j first, P_{j-1} V_{j-1} may still run
-            s = warpgroup_mma_wait(1, deps=[s_tok])
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2,
-                                               BLOCK_N, CAUSAL, ALIBI, s_layout)
-            acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p_op, acc, m_i, l_i = _step(q2, k_smem.index(slot), v_smem.index(prev),
+                                        v_bars.index(prev), ((j - 1) // V_STAGES) & 1, p_op,
+                                        acc, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2,
+                                        s_zero, bias_a, bias_b, q_bar, q_bar, q_bar, HEAD_DIM,
+                                        BLOCK_N, CAUSAL, ALIBI, False)
             gl.thread_barrier()  # every warp is done with key stage `slot`, value stage `prev`
             _issue(desc_k, k_smem, k_bars, j + K_STAGES, n_blocks, off_b, off_h, BLOCK_N,
                    K_STAGES)
@@ -419,20 +443,12 @@ def _ws_consumer(W: gl.constexpr, desc_o, LSE, SLOPES, q_smem, k_smem, v_smem, t
                 prev = (cj - 1) % V_STAGES
                 mbarrier.wait(turn.index(W), cj & 1)
                 mbarrier.wait(k_ready.index(ks), (cj // K_STAGES) & 1)
-                s_tok = _scores(q2, k_smem.index(ks), s_zero, bias_a, bias_b, HEAD_DIM, BLOCK_N,
-                                ALIBI, True)
-                mbarrier.wait(v_ready.index(prev), ((cj - 1) // V_STAGES) & 1)
-                v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
-                acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
-                mbarrier.arrive(turn.index(1 - W))
-                s = warpgroup_mma_wait(1, deps=[s_tok])
-                mbarrier.arrive(k_empty.index(ks))
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j, mw, diag, SKV, qk_scale,
-                                                   slope2, BLOCK_N, CAUSAL, ALIBI, s_layout)
-                acc = warpgroup_mma_wait(0, deps=[acc_tok])
-                mbarrier.arrive(v_empty.index(prev))
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op, acc, m_i, l_i = _step(q2, k_smem.index(ks), v_smem.index(prev),
+                                            v_ready.index(prev), ((cj - 1) // V_STAGES) & 1,
+                                            p_op, acc, m_i, l_i, j, mw, diag, SKV, qk_scale,
+                                            slope2, s_zero, bias_a, bias_b, turn.index(1 - W),
+                                            k_empty.index(ks), v_empty.index(prev), HEAD_DIM,
+                                            BLOCK_N, CAUSAL, ALIBI, True)
             last = (c + n_blocks - 1) % V_STAGES
             mbarrier.wait(v_ready.index(last), ((c + n_blocks - 1) // V_STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
@@ -556,13 +572,15 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
     args = (_gluon_desc(q, ROWS.value), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
             _gluon_desc(out, ROWS.value), lse, slopes if slopes is not None else lse, H, SQ, SKV,
             scale * LOG2E)
-    meta = dict(HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages,
-                CAUSAL=causal, ALIBI=0 if slopes is None else 2, num_warps=4)
+    constexprs = dict(HEAD_DIM=D, BLOCK_N=block_n, K_STAGES=k_stages, V_STAGES=v_stages,
+                      CAUSAL=causal, ALIBI=0 if slopes is None else 2)
     if block_m == 64:
-        attn_fwd_gluon_kernel[(triton.cdiv(SQ, block_m), B * H)](*args, **meta)
+        launch(attn_fwd_gluon_kernel, (triton.cdiv(SQ, block_m), B * H), args, constexprs,
+               num_warps=4)
     else:
         n_tiles = triton.cdiv(SQ, block_m) * B * H
         programs = min(n_tiles, num_sms(device_index(q)))
         counter = torch.zeros(1, dtype=torch.int32, device=q.device)
-        attn_fwd_gluon_ws_kernel[(programs,)](*args, n_tiles, counter, **meta)
+        launch(attn_fwd_gluon_ws_kernel, programs, (*args, n_tiles, counter), constexprs,
+               num_warps=4)
     return out, lse
