@@ -122,8 +122,7 @@ def _scores(q2, k_stage, s_zero, bias_a, bias_b, HEAD_DIM: gl.constexpr, BLOCK_N
 def _softmax_step(s, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr, ALIBI: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax update for the scores s [ROWS, BLOCK_N] of rows m0.. and key block j:
-    returns
-    (p fp32, alpha, m_new, l_new). Masks the causal diagonal and the key tail. ALIBI 2: s
+    returns (p fp32, alpha, m_new, l_new). Masks the causal diagonal and the key tail. ALIBI 2: s
     already holds the in-block column part of slope2 * (key - i - diag) (``_scores``); the
     block's offset slope2 * (start_n + BLOCK_N / 2 - m0 - diag), uniform over the block, goes
     in through the row max, and the per-row part -slope2 * (i - m0) is left to the caller
@@ -320,7 +319,7 @@ def attn_fwd_gluon_kernel(
                                         v_bars.index(prev), ((j - 1) // V_STAGES) & 1, p_op,
                                         acc, m_i, l_i, j, m0, diag, SKV, qk_scale, slope2,
                                         s_zero, bias_a, bias_b, q_bar, q_bar, q_bar, HEAD_DIM,
-                                        BLOCK_N, CAUSAL, ALIBI, False)
+                                        BLOCK_N, CAUSAL, ALIBI, False)  # no barrier to signal
             gl.thread_barrier()  # every warp is done with key stage `slot`, value stage `prev`
             _issue(desc_k, k_smem, k_bars, j + K_STAGES, n_blocks, off_b, off_h, BLOCK_N,
                    K_STAGES)
