@@ -55,6 +55,7 @@ from ..runtime import device_index, empty, launch, num_sms
 from .attention import LOG2E, _strides
 
 ROWS = gl.constexpr(64)  # query rows per warpgroup
+LOG2E_ = gl.constexpr(LOG2E)  # LOG2E inside the kernels (jit globals must be constexprs)
 # Registers per thread of the warp-specialised kernel's partitions (setmaxnreg): two consumer
 # warpgroups and the producer's, (2 * 240 + 24) * 128 <= the SM's 64K.
 CONSUMER_REGS = gl.constexpr(240)
@@ -261,7 +262,7 @@ def attn_fwd_gluon_kernel(
     bias_a = 0
     bias_b = 0
     if ALIBI != 0:
-        slope2 = gl.load(SLOPES + off_h) * 1.4426950408889634
+        slope2 = gl.load(SLOPES + off_h) * LOG2E_
         bias_b = gl.allocate_shared_memory(
             gl.bfloat16, [BLOCK_N, 16],
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], gl.bfloat16))
@@ -418,7 +419,7 @@ def _ws_consumer(W: gl.constexpr, desc_o, LSE, SLOPES, q_smem, k_smem, v_smem, t
         slope2 = 0.0
         bias_a = 0
         if ALIBI != 0:
-            slope2 = gl.load(SLOPES + off_bh % H) * 1.4426950408889634
+            slope2 = gl.load(SLOPES + off_bh % H) * LOG2E_
             bias_a = _alibi_a(slope2, qk_scale, s_layout)
         q2 = q_smem.index(qs).reshape([ROWS, HEAD_DIM])
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
