@@ -1,4 +1,5 @@
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -249,6 +250,23 @@ def test_linear_matmul_through_tma_kernel(monkeypatch):
     check_matmul((3, 65, 40), (40, 24), torch.float16, tb=True)
 
 
+def test_gluon_tiling_choice():
+    """The Gluon kernel's tiling per shape (132 SMs): one wave of narrower tiles for the
+    weight gradients that 128 x 256 tiles under-fill, K splits for the smallest, and the
+    Triton kernel's table (None) once 128 x 256 tiles fill the SMs twice."""
+    g = km.GluonTiling
+    pick = lambda m, n: km.gluon_tiling(m, n, 16384, 132)
+    assert pick(2304, 768) == (g(2, 128, 0, 5, 1.0), 1)  # 108 tiles of 128 x 128
+    assert pick(3072, 768) == (g(2, 128, 32, 4, 1.08), 1)  # 120 tiles of 128 x 160
+    assert pick(768, 3072) == (g(2, 128, 32, 4, 1.08), 1)
+    assert pick(3072, 1024) == (g(3, 128, 0, 4, 1.03), 1)  # 128 tiles of 192 x 128
+    assert pick(2048, 2048) == (g(2, 256, 0, 3, 1.0), 1)  # 128 tiles of 128 x 256
+    assert pick(768, 768) == (g(2, 128, 0, 5, 1.0), 3)  # 36 tiles, split 3
+    assert pick(1024, 1024) == (g(2, 128, 0, 5, 1.0), 2)
+    assert km.gluon_tiling(16384, 768, 768, 132) is None  # forward shapes: 384 tiles
+    assert km.gluon_tiling(50304, 768, 16384, 132) is None  # LM head dW
+
+
 def test_split_k_choice():
     assert km.split_k_for(tiles=2000, k_steps=12, sms=132) == 1
     assert km.split_k_for(tiles=18, k_steps=256, sms=132) > 4  # d x d weight gradient
@@ -352,6 +370,30 @@ def test_split_k_gpu():
             assert_close(acc, c0.double() + ref, c0 + base32, name + " acc")
             if det:
                 assert torch.equal(r1, again)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_gluon_kernel_gpu(dtype, monkeypatch):
+    """Every Gluon tiling, with and without K splits, on odd shapes, each operand given
+    directly or through its transposed storage, against float64 and cuBLAS."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMM needs sm_90")
+    shapes = ((1000, 520, 776), (136, 40, 4000), (8, 8, 64), (2304, 768, 16384))
+    for (m, n, k), ta, tb in itertools.product(shapes, (True, False), (False, True)):
+        a = randn(k, m, dtype=dtype).t() if ta else randn(m, k, dtype=dtype)
+        b = randn(n, k, dtype=dtype).t() if tb else randn(k, n, dtype=dtype)
+        ref = a.double() @ b.double()
+        for t, split in itertools.product(km.GLUON_TILINGS, (1, 3)):
+            if t.smem(4 if split > 1 else 2) > km.GLUON_SMEM:
+                continue
+            monkeypatch.setattr(km, "gluon_tiling", lambda *_, t=t, s=split: (t, s))
+            km._PLANS.clear()
+            c = km.gemm(a, b, dtype).c
+            assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
+            assert_close(c, ref, a @ b, f"{m}x{n}x{k} ta={ta} tb={tb} {t} split={split}")
+    km._PLANS.clear()
 
 
 @gpu

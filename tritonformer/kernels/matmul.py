@@ -57,6 +57,8 @@ from ..runtime import (
     num_sms,
 )
 from .activations import activation, activation_grad
+from .matmul_gluon import descriptor as gluon_descriptor
+from .matmul_gluon import gemm_gluon_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,44 @@ INTERPRET_CONFIG = GemmConfig(256, 256, 256, num_stages=1, num_warps=4)
 # block, and about DZ_PROGRAMS_PER_SM programs per SM run (fewer, larger ones interpreted).
 DZ_BLOCK = (256, 256) if INTERPRET else (32, 128)
 DZ_PROGRAMS_PER_SM = 4
+
+@dataclasses.dataclass(frozen=True)
+class GluonTiling:
+    """A tiling of the warp-specialised Gluon kernel (kernels/matmul_gluon.py): tiles of
+    64 * consumers rows x (block_n + tail_n) columns."""
+
+    consumers: int  # consumer warpgroups, 64 rows each: 2 or 3
+    block_n: int
+    tail_n: int  # extra columns in a second accumulator (0: none)
+    num_stages: int
+    speed: float  # time per BK step and unit of tile area, relative to 128 x 256 (measured)
+    block_k: int = 64
+
+    def smem(self, out_bytes: int) -> int:
+        """Shared memory of the operand ring and the epilogue's staging (bytes, 16-bit A/B)."""
+        cols = self.block_n + self.tail_n
+        stage = 2 * self.block_k * (64 * self.consumers + cols)
+        return self.num_stages * stage + self.consumers * 64 * cols * out_bytes
+
+
+# Plain 2-D products of 16-bit operands into a 16-bit C on sm_90 whose 128 x 256 tiles would
+# fill the SMs fewer than GLUON_MAX_WAVES times (the weight gradients, small batches) run the
+# Gluon kernel with the tiling (and K split) of least cost by the split-K cost model below, a
+# step's cost scaled by the tile's area and speed; ties go to the earlier entry. The three
+# narrower tilings fill 132 SMs in one wave where 128 x 256 cannot: 192 x 128 (3072 x 1024:
+# 128 tiles), 128 x 160 (3072 x 768 and 768 x 3072: 120 tiles), 128 x 128 (2304 x 768: 108
+# tiles). Stages and speeds measured on an H100 (kernel time per tile step: 0.73, 0.75,
+# 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32 weight's gradient under
+# autocast) stays with the Triton kernel: over a long K in one split, this kernel's fp32 sums
+# had up to 3x the error of cuBLAS's (which splits such K), against the 2x the tests allow.
+GLUON_TILINGS = (
+    GluonTiling(2, 256, 0, 3, speed=1.0),
+    GluonTiling(3, 128, 0, 4, speed=1.03),
+    GluonTiling(2, 128, 32, 4, speed=1.08),
+    GluonTiling(2, 128, 0, 5, speed=1.0),
+)
+GLUON_MAX_WAVES = 2
+GLUON_SMEM = 227 * 1024 - 1024  # the SM's shared memory, less the barriers
 
 # Split-K cost model (units: one BLOCK_K step of one 128 x 256 tile): each wave of split
 # tiles costs about REDUCE_STEPS more (its fp32 partial tiles stored or reduce-added, the
@@ -447,6 +487,30 @@ def split_k_for(tiles: int, k_steps: int, sms: int) -> int:
     return best
 
 
+def gluon_tiling(m: int, n: int, k: int, sms: int) -> tuple[GluonTiling, int] | None:
+    """(tiling, K splits) of the Gluon kernel for an (m, k) @ (k, n) product with a 16-bit
+    output, or None when 128 x 256 tiles fill the SMs GLUON_MAX_WAVES times (the Triton
+    kernel's table then serves)."""
+    if cdiv(m, 128) * cdiv(n, 256) >= GLUON_MAX_WAVES * sms:
+        return None
+    best, best_cost = None, None
+    for t in GLUON_TILINGS:
+        tiles = cdiv(m, 64 * t.consumers) * cdiv(n, t.block_n + t.tail_n)
+        area = 64 * t.consumers * (t.block_n + t.tail_n) / (128 * 256) * t.speed
+        k_steps = cdiv(k, t.block_k)
+        for s in range(1, MAX_SPLIT_K + 1):
+            per = cdiv(k_steps, s)
+            if s > 1 and (per < MIN_STEPS_PER_SPLIT or t.smem(4) > GLUON_SMEM):
+                break
+            if s == 1 and t.smem(2) > GLUON_SMEM:
+                continue
+            waves = cdiv(tiles * s, sms)
+            cost = waves * per * area + (waves * REDUCE_STEPS + FIXED_STEPS if s > 1 else 0)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (t, cdiv(k_steps, per)), cost
+    return best
+
+
 def _tma_layout(t: torch.Tensor) -> tuple[bool, list[int], list[int]] | None:
     """How TMA can read the 2-D view ``t``: (through its transpose?, shape, strides), or None.
 
@@ -494,6 +558,7 @@ def _pick_config(m: int, n: int, k: int, tma: bool, op_class: str, shape_class: 
 class _Plan(NamedTuple):
     """Everything about one GEMM launch that depends on shapes, strides and dtypes only."""
 
+    kernel: object  # gemm_tma_kernel, gemm_kernel or matmul_gluon.gemm_gluon_kernel
     tma: bool
     batched: bool
     dims: tuple[int, int, int, int, int, int]  # O0, O1, R, M, N, K
@@ -502,10 +567,17 @@ class _Plan(NamedTuple):
     steps: int  # BK steps per split
     ws_rows: int  # workspace rows per split and batch matrix
     reduce_add: bool  # the splits are summed by TMA reduce-adds into one fp32 (M, N) tensor
-    descs: tuple  # TMA: (A's, B's (transposed?, shape, strides, block)), C's and D's blocks
+    descs: tuple  # TMA: (A's, B's (transposed?, shape, strides, block)), C's and D's blocks;
+    # Gluon: A's, B's, B's tail (or None) as (shape, strides, block), C's and C's tail blocks
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
+    units: int = 0  # Gluon: (tile, K split) units
+
+    def launch_key(self, key: tuple) -> tuple:
+        """``runtime.launch``'s key: the plan key, and what was chosen from it (tables that
+        tests change between calls with the same key)."""
+        return key, self.grid, *self.constexprs.values()
 
 
 def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bias: bool,
@@ -521,12 +593,19 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
         a2, b2 = a, b
     n = b.shape[-1]
     layouts = None if a2 is None else _tma_layouts(a2, b2, out_dtype)
+    auto_tma = use_tma is None
     if use_tma is None:
         use_tma = layouts is not None
     elif use_tma:  # forced (tests, tuning): the layouts, without the device check
         layouts = (_tma_layout(a2), _tma_layout(b2))
     op_class = operand_class(b.dtype)
     epilogue = has_bias or act != "none" or save_dact
+    if (use_tma and auto_tma and config is None and out_dtype != torch.float32
+            and not (INTERPRET or batched or epilogue or accumulate) and op_class == "16bit"):
+        sms = num_sms(device_index(a))
+        choice = gluon_tiling(m, n, k, sms)
+        if choice is not None:
+            return _gluon_plan(m, n, k, layouts, *choice, sms)
     # accumulate reads C in the epilogue: the "epilogue" configs leave shared memory for it
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")
@@ -567,9 +646,35 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     kernel = gemm_tma_kernel if use_tma else gemm_kernel
     constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
     options = dict(num_stages=config.num_stages, num_warps=config.num_warps)
-    return _Plan(use_tma, batched, (o0, o1, r, m, n, k), (o0, o1, m, n) if batched else (m, n),
+    return _Plan(kernel, use_tma, batched, (o0, o1, r, m, n, k),
+                 (o0, o1, m, n) if batched else (m, n),
                  split, steps, cdiv(m, bm) * bm if use_tma else m, reduce_add, descs, grid,
                  constexprs, options)
+
+
+def _gluon_plan(m: int, n: int, k: int, layouts: tuple, t: GluonTiling, split: int,
+                sms: int) -> _Plan:
+    """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel``: tiling t, K split
+    ``split`` ways into an fp32 workspace that ``reduce_splits_kernel`` sums (in a fixed
+    order: deterministic)."""
+    (la, lb), bk = layouts, t.block_k
+    steps = cdiv(cdiv(k, bk), split)
+    tm, tn = 64 * t.consumers, t.block_n + t.tail_n
+    programs = min(sms, cdiv(m, tm) * cdiv(n, tn) * split)
+
+    def desc(layout, rows, cols):
+        transposed, shape, strides = layout
+        return shape, strides, [cols, rows] if transposed else [rows, cols]
+
+    descs = (desc(la, 64, bk), desc(lb, bk, t.block_n),
+             desc(lb, bk, t.tail_n) if t.tail_n else None, [64, t.block_n],
+             [64, t.tail_n] if t.tail_n else None)
+    constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
+                      STAGES=t.num_stages, CONSUMERS=t.consumers, SPLIT_K=split, GROUP_M=8,
+                      NUM_SMS=programs)
+    return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), split, steps,
+                 cdiv(m, tm) * tm, False, descs, (programs, 1), constexprs, dict(num_warps=4),
+                 cdiv(m, tm) * cdiv(n, tn) * split)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
@@ -655,7 +760,18 @@ def gemm(
             ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
     elif split > 1:
         ws = empty((split, o0, o1, plan.ws_rows, n), torch.float32, dev)
-    if plan.tma:
+    if plan.kernel is gemm_gluon_kernel:
+        sa, sb, sbt, out_block, tail_block = plan.descs
+        target = c if split == 1 else ws.view(split * plan.ws_rows, n)
+        rows = target.shape[0]
+        args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
+                sbt and gluon_descriptor(b, *sbt),
+                gluon_descriptor(target, [rows, n], [n, 1], out_block),
+                tail_block and gluon_descriptor(target, [rows, n], [n, 1], tail_block),
+                m, n, plan.units, plan.steps, plan.ws_rows if split > 1 else 0)
+        launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+               **plan.options)
+    elif plan.tma:
         a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
         (sa, sb, out_block) = plan.descs
         if split == 1:
@@ -667,7 +783,8 @@ def gemm(
                 None if d is None else _descriptor(d.view(m, n), [m, n], [n, 1], out_block),
                 bias, m, n, k, plan.steps,
                 plan.ws_rows if split > 1 and not plan.reduce_add else 0)  # fmt: skip
-        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=key, **plan.options)
+        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+               **plan.options)
     else:
         a_strides = a.stride() if plan.batched else (0, 0, 0, *a.stride())
         b_strides = b.stride() if plan.batched else (0, 0, 0, *b.stride())
@@ -678,7 +795,8 @@ def gemm(
             c_strides = c.stride() if plan.batched else (0, 0, *c.stride())
         args = (a, b, target, d, bias, m, n, k, r, o1, plan.steps,
                 *a_strides, *b_strides, *c_strides, s_split)  # fmt: skip
-        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=key, **plan.options)
+        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+               **plan.options)
     if split > 1 and ws is not c:  # sum the workspace's splits, or cast the fp32 sum
         n_out = o0 * o1 * m * n
         rows, splits = (m, 1) if plan.reduce_add else (plan.ws_rows, split)

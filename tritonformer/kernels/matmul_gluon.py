@@ -1,0 +1,260 @@
+"""Warp-specialised persistent GEMM for Hopper (sm_90) in Gluon, 16-bit operands.
+
+C = A @ B for 2-D operands TMA can read (either may be given through its transposed
+storage), written in C's dtype, or as fp32 partial sums of K splits into a workspace that
+``matmul.reduce_splits_kernel`` adds up. No bias or activation: this kernel is for the plain
+products whose tiles do not fill the GPU many times over, the weight gradients above all.
+
+One program per SM walks the (tile, K split) units ``unit = pid + i * NUM_SMS`` with three
+partitions:
+
+- a producer warp fills a ring of STAGES stages by TMA: per stage the two 64-row halves of
+  A's BK-wide block and B's [BK, BN] block;
+- two consumer warpgroups, one per 64-row half of the BM = 128-row tile, each issuing its
+  wgmmas asynchronously with one group in flight and freeing a stage once its wgmma is done
+  (a stage's empty barrier counts both consumers);
+- each consumer's epilogue stages its [64, BN] accumulator in shared memory and stores it by
+  TMA, while the producer already loads the next unit's stages.
+
+Triton's ``tl.dot`` pipeline (``matmul.gemm_tma_kernel``) waits on a CTA-wide barrier before
+every TMA issue and runs the epilogue in between; here the loads never wait for the math.
+Gluon has no interpreter: the GPU tier tests this kernel (tests/test_matmul.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+ROWS = gl.constexpr(64)  # tile rows per consumer warpgroup
+# Registers per thread (setmaxnreg) of the consumer warpgroups (two or three) and the producer
+# warp's group: (2 * 232 + 40) * 128 and (3 * 160 + 40) * 128 <= the SM's 64K.
+CONSUMER_REGS = gl.constexpr(232)
+CONSUMER_REGS_3 = gl.constexpr(160)
+PRODUCER_REGS = gl.constexpr(40)
+
+
+@gluon.jit
+def _unit(unit, M, N, TM: gl.constexpr, TN: gl.constexpr, SPLIT_K: gl.constexpr,
+          GROUP_M: gl.constexpr):
+    """Work unit -> (first row, first column, K split) of a TM x TN tile; GROUP_M rows of
+    tiles walk N together (the order of ``matmul._tile_coords``)."""
+    num_pid_m = gl.cdiv(M, TM)
+    num_pid_n = gl.cdiv(N, TN)
+    tile = unit // SPLIT_K
+    split = unit - tile * SPLIT_K
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    return pid_m * TM, pid_n * TN, split
+
+
+@gluon.jit
+def _load(desc, row, col, bar, dst, TRANSPOSED: gl.constexpr):
+    """TMA load of the block at (row, col) of a logical operand, or at (col, row) of its
+    transposed storage."""
+    if TRANSPOSED:
+        tma.async_copy_global_to_shared(desc, [col, row], bar, dst)
+    else:
+        tma.async_copy_global_to_shared(desc, [row, col], bar, dst)
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N, units,
+              steps, A_T: gl.constexpr, B_T: gl.constexpr, BN: gl.constexpr,
+              TAIL_N: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+              CONSUMERS: gl.constexpr, SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
+              NUM_SMS: gl.constexpr):
+    """The producer warp: stage c % STAGES takes the program's c-th BK step (counted over its
+    units) once every consumer has freed it: A's CONSUMERS row blocks, B's block and B's tail
+    block."""
+    nbytes: gl.constexpr = CONSUMERS * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    tail_bytes: gl.constexpr = bt_desc.block_type.nbytes if TAIL_N > 0 else 0
+    c = 0
+    for unit in range(gl.program_id(0), units, NUM_SMS):
+        om, on, split = _unit(unit, M, N, CONSUMERS * ROWS, BN + TAIL_N, SPLIT_K, GROUP_M)
+        k0 = split * steps * BK
+        for ks in range(steps):
+            s = c % STAGES
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # the first round passes
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes + tail_bytes)
+            ok = k0 + ks * BK
+            for w in gl.static_range(CONSUMERS):
+                _load(a_desc, om + w * ROWS, ok, bar, a_smem.index(CONSUMERS * s + w), A_T)
+            _load(b_desc, ok, on, bar, b_smem.index(s), B_T)
+            if TAIL_N > 0:
+                _load(bt_desc, ok, on + BN, bar, bt_smem.index(s), B_T)
+            c += 1
+
+
+@gluon.jit
+def _consumer(W: gl.constexpr, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem, ct_smem, ready,
+              empty,
+              M, N, units, steps, ws_rows, A_T: gl.constexpr, B_T: gl.constexpr,
+              BN: gl.constexpr, TAIL_N: gl.constexpr, STAGES: gl.constexpr,
+              CONSUMERS: gl.constexpr, SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
+              NUM_SMS: gl.constexpr):
+    """Consumer warpgroup W: rows W * ROWS.. of every tile, accumulated in registers (the tail
+    columns in a second accumulator), staged in c_smem and stored by TMA (at row
+    split * ws_rows + .. of the workspace when split)."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 16])
+    if TAIL_N > 0:
+        tail_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TAIL_N, 16])
+    c = 0
+    for unit in range(gl.program_id(0), units, NUM_SMS):
+        om, on, split = _unit(unit, M, N, CONSUMERS * ROWS, BN + TAIL_N, SPLIT_K, GROUP_M)
+        acc = gl.zeros([ROWS, BN], gl.float32, acc_layout)
+        if TAIL_N > 0:
+            acc_t = gl.zeros([ROWS, TAIL_N], gl.float32, tail_layout)
+        for ks in range(steps):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            a = a_smem.index(CONSUMERS * s + W)
+            if A_T:
+                a = a.permute([1, 0])
+            b = b_smem.index(s)
+            if B_T:
+                b = b.permute([1, 0])
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            if TAIL_N > 0:
+                bt = bt_smem.index(s)
+                if B_T:
+                    bt = bt.permute([1, 0])
+                acc_t = warpgroup_mma(a, bt, acc_t, is_async=True)
+                # this step's two wgmma groups may run on: the previous step's are done
+                acc, acc_t = warpgroup_mma_wait(2, deps=[acc, acc_t])
+            else:
+                acc = warpgroup_mma_wait(1, deps=[acc])  # the previous step's wgmma is done
+            if ks > 0:
+                mbarrier.arrive(empty.index((c - 1) % STAGES))
+            c += 1
+        if TAIL_N > 0:
+            acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+        else:
+            acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((c - 1) % STAGES))
+        row = split * ws_rows + om + W * ROWS
+        tma.store_wait(0)  # the previous unit's stores have read c_smem
+        c_smem.store(acc.to(c_desc.dtype))
+        if TAIL_N > 0:
+            ct_smem.store(acc_t.to(c_desc.dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # every thread's part is in c_smem before the TMA stores read it
+        tma.async_copy_shared_to_global(c_desc, [row, on], c_smem)
+        if TAIL_N > 0:
+            tma.async_copy_shared_to_global(ct_desc, [row, on + BN], ct_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gemm_gluon_kernel(
+    a_desc,  # A (M, K), block [ROWS, BK]; with A_T its storage (K, M), block [BK, ROWS]
+    b_desc,  # B (K, N), block [BK, BN]; with B_T its storage (N, K), block [BN, BK]
+    bt_desc,  # TAIL_N > 0: B again, block [BK, TAIL_N] (B_T: [TAIL_N, BK]); else None
+    c_desc,  # C (M, N), or with SPLIT_K > 1 the fp32 workspace (SPLIT_K * ws_rows, N);
+             # block [ROWS, BN]
+    ct_desc,  # TAIL_N > 0: C (or the workspace) again, block [ROWS, TAIL_N]; else None
+    M, N,
+    units,  # tiles * SPLIT_K
+    steps,  # BK steps per split (TMA zero-fills past K)
+    ws_rows,  # workspace rows per split (M rounded up to tiles); 0 without one
+    A_T: gl.constexpr, B_T: gl.constexpr,  # operand given through its transposed storage
+    BN: gl.constexpr, TAIL_N: gl.constexpr,  # tiles of CONSUMERS * ROWS x (BN + TAIL_N)
+    BK: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMERS: gl.constexpr,  # 2 or 3 consumer warpgroups, ROWS rows of the tile each
+    SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
+    NUM_SMS: gl.constexpr,  # programs launched; each walks every NUM_SMS-th unit
+):
+    """Persistent, warp-specialised: see the module docstring."""
+    dtype: gl.constexpr = a_desc.dtype
+    if A_T:
+        a_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES, BK, ROWS], a_desc.layout)
+    else:
+        a_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES, ROWS, BK], a_desc.layout)
+    if B_T:
+        b_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], b_desc.layout)
+    else:
+        b_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, BN], b_desc.layout)
+    bt_smem = b_smem
+    if TAIL_N > 0:
+        if B_T:
+            bt_smem = gl.allocate_shared_memory(dtype, [STAGES, TAIL_N, BK], bt_desc.layout)
+        else:
+            bt_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, TAIL_N], bt_desc.layout)
+    # each consumer stages its [ROWS, BN] part of C, and its [ROWS, TAIL_N] tail part
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, BN], c_desc.layout)
+    ct_smem = c_smem
+    if TAIL_N > 0:
+        ct_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
+                                            ct_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=CONSUMERS)
+    fence_async_shared()
+    gl.thread_barrier()
+    # one warp_specialize per consumer count: each partition's arguments written out (a
+    # tuple built by concatenation would turn the constexprs into tensors)
+    if CONSUMERS == 2:
+        gl.warp_specialize(
+            [(_consumer, (0, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(0),
+                          ct_smem.index(0), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
+                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(1),
+                          ct_smem.index(1), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
+                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+             (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
+                          units, steps, A_T, B_T, BN, TAIL_N, BK, STAGES, CONSUMERS, SPLIT_K,
+                          GROUP_M, NUM_SMS))],
+            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize(
+            [(_consumer, (0, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(0),
+                          ct_smem.index(0), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
+                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(1),
+                          ct_smem.index(1), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
+                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+             (_consumer, (2, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(2),
+                          ct_smem.index(2), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
+                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+             (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
+                          units, steps, A_T, B_T, BN, TAIL_N, BK, STAGES, CONSUMERS, SPLIT_K,
+                          GROUP_M, NUM_SMS))],
+            [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
+@functools.cache
+def _layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
+
+
+def descriptor(t: torch.Tensor, shape: list[int], strides: list[int],
+               block: list[int]) -> TensorDescriptor:
+    """A Gluon TMA descriptor over ``t`` viewed as ``shape``/``strides`` (a layout
+    ``matmul._tma_layout`` has checked), zero-filled past the edges."""
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block, "zero"
+    d.layout = _layout(tuple(block), t.dtype)
+    return d
+
