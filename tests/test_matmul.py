@@ -251,18 +251,27 @@ def test_linear_matmul_through_tma_kernel(monkeypatch):
 
 
 def test_gluon_tiling_choice():
-    """The Gluon kernel's tiling per shape (132 SMs): one wave of narrower tiles for the
-    weight gradients that 128 x 256 tiles under-fill, K splits for the smallest, and the
-    Triton kernel's table (None) once 128 x 256 tiles fill the SMs twice."""
-    g = km.GluonTiling
-    pick = lambda m, n: km.gluon_tiling(m, n, 16384, 132)
-    assert pick(2304, 768) == (g(2, 128, 0, 5, 1.0), 1)  # 108 tiles of 128 x 128
-    assert pick(3072, 768) == (g(2, 128, 32, 4, 1.08), 1)  # 120 tiles of 128 x 160
-    assert pick(768, 3072) == (g(2, 128, 32, 4, 1.08), 1)
-    assert pick(3072, 1024) == (g(3, 128, 0, 4, 1.03), 1)  # 128 tiles of 192 x 128
-    assert pick(2048, 2048) == (g(2, 256, 0, 3, 1.0), 1)  # 128 tiles of 128 x 256
-    assert pick(768, 768) == (g(2, 128, 0, 5, 1.0), 3)  # 36 tiles, split 3
-    assert pick(1024, 1024) == (g(2, 128, 0, 5, 1.0), 2)
+    """The Gluon kernel's schedule per shape (132 SMs): one wave of narrower tiles for the
+    weight gradients that 128 x 256 tiles under-fill, whole tiles plus split rows of tiles
+    where the tiles overflow one wave, even K splits for the smallest, and the Triton
+    kernel's table (None) once 128 x 256 tiles fill the SMs twice."""
+    t128, t128_4, t192, t256 = (km.GluonTiling(2, 128, 0, 5, 1.0),
+                                km.GluonTiling(2, 128, 0, 4, 1.01),
+                                km.GluonTiling(3, 128, 0, 4, 1.03),
+                                km.GluonTiling(2, 256, 0, 3, 1.0))
+    expect = {
+        (2304, 768): (t128, 108, 1, False),  # 108 tiles of 128 x 128
+        (3072, 768): (t128_4, 132, 11, False),  # 132 whole, the last 12 (2 rows) split 11 ways
+        (768, 3072): (t128_4, 132, 11, True),  # the same, the last 12 being 2 columns
+        (3072, 1024): (t192, 128, 1, False),  # 128 tiles of 192 x 128
+        (2048, 2048): (t256, 128, 1, False),  # 128 tiles of 128 x 256
+        (768, 768): (t128, 0, 3, False),  # 36 tiles, K split 3 ways
+        (1024, 1024): (t128, 0, 2, False),
+    }
+    for (m, n), want in expect.items():
+        assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(*want), (m, n)
+    for t in km.GLUON_TILINGS:
+        assert t.smem(2) <= km.GLUON_SMEM  # every tiling fits a 16-bit C
     assert km.gluon_tiling(16384, 768, 768, 132) is None  # forward shapes: 384 tiles
     assert km.gluon_tiling(50304, 768, 16384, 132) is None  # LM head dW
 
@@ -385,14 +394,23 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
         a = randn(k, m, dtype=dtype).t() if ta else randn(m, k, dtype=dtype)
         b = randn(n, k, dtype=dtype).t() if tb else randn(k, n, dtype=dtype)
         ref = a.double() @ b.double()
-        for t, split in itertools.product(km.GLUON_TILINGS, (1, 3)):
-            if t.smem(4 if split > 1 else 2) > km.GLUON_SMEM:
-                continue
-            monkeypatch.setattr(km, "gluon_tiling", lambda *_, t=t, s=split: (t, s))
-            km._PLANS.clear()
-            c = km.gemm(a, b, dtype).c
-            assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
-            assert_close(c, ref, a @ b, f"{m}x{n}x{k} ta={ta} tb={tb} {t} split={split}")
+        for t in km.GLUON_TILINGS:
+            n_cols = -(-n // (t.block_n + t.tail_n))
+            tiles = -(-m // (64 * t.consumers)) * n_cols
+            n_rows = tiles // n_cols
+            # whole tiles; every tile split; whole tiles, then the last row (or column) of
+            # tiles split
+            for dp, split, cols, staged in ((tiles, 1, False, 2), (0, 3, False, 4),
+                                            (tiles - n_cols, 3, False, 6),
+                                            (tiles - n_rows, 3, True, 6)):
+                if t.smem(staged) > km.GLUON_SMEM or (staged == 6 and dp == 0):
+                    continue
+                schedule = km.GluonSchedule(t, dp, split, cols)
+                monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule: s)
+                km._PLANS.clear()
+                c = km.gemm(a, b, dtype).c
+                assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
+                assert_close(c, ref, a @ b, f"{m}x{n}x{k} ta={ta} tb={tb} {schedule}")
     km._PLANS.clear()
 
 

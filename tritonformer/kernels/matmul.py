@@ -118,11 +118,24 @@ class GluonTiling:
     speed: float  # time per BK step and unit of tile area, relative to 128 x 256 (measured)
     block_k: int = 64
 
-    def smem(self, out_bytes: int) -> int:
-        """Shared memory of the operand ring and the epilogue's staging (bytes, 16-bit A/B)."""
+    def smem(self, staged_bytes: int) -> int:
+        """Shared memory of the operand ring (16-bit A and B) and the epilogue's staging of
+        staged_bytes per output element: 2 for a 16-bit C, 4 for the fp32 workspace, 6 for
+        both."""
         cols = self.block_n + self.tail_n
         stage = 2 * self.block_k * (64 * self.consumers + cols)
-        return self.num_stages * stage + self.consumers * 64 * cols * out_bytes
+        return self.num_stages * stage + self.consumers * 64 * cols * staged_bytes
+
+
+class GluonSchedule(NamedTuple):
+    """How the Gluon kernel covers a product: the tiling; the first dp_tiles tiles whole (all
+    of K), each other tile's K in sk_splits pieces (into an fp32 workspace, summed after)."""
+
+    tiling: GluonTiling
+    dp_tiles: int
+    sk_splits: int
+    column_tail: bool = False  # tiles in column order: the split ones are whole columns of
+    # tiles (else whole rows)
 
 
 # Plain 2-D products of 16-bit operands into a 16-bit C on sm_90 whose 128 x 256 tiles would
@@ -140,6 +153,7 @@ GLUON_TILINGS = (
     GluonTiling(3, 128, 0, 4, speed=1.03),
     GluonTiling(2, 128, 32, 4, speed=1.08),
     GluonTiling(2, 128, 0, 5, speed=1.0),
+    GluonTiling(2, 128, 0, 4, speed=1.01),  # room to stage whole and split tiles both
 )
 GLUON_MAX_WAVES = 2
 GLUON_SMEM = 227 * 1024 - 1024  # the SM's shared memory, less the barriers
@@ -401,13 +415,15 @@ def gemm_kernel(
 
 @triton.jit
 def reduce_splits_kernel(
-    ws_ptr,  # fp32 workspace (SPLIT_K, O, ws_rows, N) of partial sums, contiguous
-    out_ptr,  # output (O, M, N) contiguous, any float dtype
-    n_out,  # O * M * N
-    per_matrix,  # M * N
-    ws_matrix,  # ws_rows * N
-    ws_split,  # O * ws_rows * N
+    ws_ptr,  # fp32 workspace (SPLIT_K, O, ws_rows, cols) of partial sums, contiguous
+    out_ptr,  # output (O, rows, cols) contiguous, or (rows, cols) rows out_stride apart
+    n_out,  # O * rows * cols
+    per_matrix,  # rows * cols
+    ws_matrix,  # ws_rows * cols
+    ws_split,  # O * ws_rows * cols
+    cols, out_stride,  # the output's columns and row stride (STRIDED)
     ACCUMULATE: tl.constexpr,  # out += the sum
+    STRIDED: tl.constexpr,  # one output matrix, rows out_stride apart; else contiguous
     SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out = sum over splits of the workspace (+ out), in fp32, cast to the output dtype."""
@@ -415,12 +431,16 @@ def reduce_splits_kernel(
     mask = offs < n_out
     o = offs // per_matrix
     src = o * ws_matrix + (offs - o * per_matrix)
+    dst = out_ptr + offs
+    if STRIDED:
+        row = offs // cols
+        dst = out_ptr + row * out_stride + (offs - row * cols)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     if ACCUMULATE:
-        acc += tl.load(out_ptr + offs, mask=mask).to(tl.float32)
+        acc += tl.load(dst, mask=mask).to(tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * ws_split + src, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -487,27 +507,53 @@ def split_k_for(tiles: int, k_steps: int, sms: int) -> int:
     return best
 
 
-def gluon_tiling(m: int, n: int, k: int, sms: int) -> tuple[GluonTiling, int] | None:
-    """(tiling, K splits) of the Gluon kernel for an (m, k) @ (k, n) product with a 16-bit
+def _schedule_cost(tiles: int, dp: int, splits: int, k_steps: int, sms: int) -> int:
+    """Cost by the split-K cost model (units: BK steps of one tile) of dp whole tiles and the
+    other tiles' K in ``splits`` pieces, the units dealt round-robin to min(sms, units)
+    programs: the busiest program's steps, plus REDUCE_STEPS per split unit it runs and
+    FIXED_STEPS for splitting at all."""
+    sk_units = (tiles - dp) * splits
+    programs = min(sms, dp + sk_units)
+    per = cdiv(k_steps, splits)
+    worst = 0
+    for p in range(programs):
+        n_dp = cdiv(dp - p, programs) if p < dp else 0
+        first_sk = p + n_dp * programs  # this program's first unit past the whole tiles
+        n_sk = cdiv(dp + sk_units - first_sk, programs) if first_sk < dp + sk_units else 0
+        worst = max(worst, n_dp * k_steps + n_sk * (per + REDUCE_STEPS))
+    return worst + (FIXED_STEPS if sk_units else 0)
+
+
+def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule | None:
+    """The Gluon kernel's schedule of least cost for an (m, k) @ (k, n) product with a 16-bit
     output, or None when 128 x 256 tiles fill the SMs GLUON_MAX_WAVES times (the Triton
-    kernel's table then serves)."""
+    kernel's table then serves). Candidates per tiling: every tile whole; every tile's K
+    split evenly; and, with more tiles than SMs, whole tiles for full waves and the rest
+    (whole rows of tiles, last in order) split across all the SMs."""
     if cdiv(m, 128) * cdiv(n, 256) >= GLUON_MAX_WAVES * sms:
         return None
     best, best_cost = None, None
     for t in GLUON_TILINGS:
-        tiles = cdiv(m, 64 * t.consumers) * cdiv(n, t.block_n + t.tail_n)
+        n_rows, n_cols = cdiv(m, 64 * t.consumers), cdiv(n, t.block_n + t.tail_n)
+        tiles = n_rows * n_cols
         area = 64 * t.consumers * (t.block_n + t.tail_n) / (128 * 256) * t.speed
         k_steps = cdiv(k, t.block_k)
-        for s in range(1, MAX_SPLIT_K + 1):
-            per = cdiv(k_steps, s)
-            if s > 1 and (per < MIN_STEPS_PER_SPLIT or t.smem(4) > GLUON_SMEM):
+        # the tiles past the full waves, rounded up to whole rows or columns of tiles
+        rest = tiles - tiles // sms * sms if tiles > sms else tiles
+        tails = [(cdiv(rest, n_cols) * n_cols, False), (cdiv(rest, n_rows) * n_rows, True)]
+        candidates = [(tiles, 1, False, 2)]
+        for s in range(2, MAX_SPLIT_K + 1):
+            if cdiv(k_steps, s) < MIN_STEPS_PER_SPLIT:
                 break
-            if s == 1 and t.smem(2) > GLUON_SMEM:
+            candidates.append((0, s, False, 4))
+            candidates += [(tiles - tail, s, cols, 6) for tail, cols in tails if tail < tiles]
+        for dp, s, cols, staged in candidates:
+            if t.smem(staged) > GLUON_SMEM:
                 continue
-            waves = cdiv(tiles * s, sms)
-            cost = waves * per * area + (waves * REDUCE_STEPS + FIXED_STEPS if s > 1 else 0)
+            cost = _schedule_cost(tiles, dp, s, k_steps, sms) * area
             if best_cost is None or cost < best_cost:
-                best, best_cost = (t, cdiv(k_steps, per)), cost
+                s = cdiv(k_steps, cdiv(k_steps, s))  # no empty pieces
+                best, best_cost = GluonSchedule(t, dp, s, cols), cost
     return best
 
 
@@ -572,7 +618,10 @@ class _Plan(NamedTuple):
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
-    units: int = 0  # Gluon: (tile, K split) units
+    gluon_args: tuple = ()  # Gluon: units, dp_tiles, sk_splits, sk_steps, k_steps, ws_rows,
+    # tail_row0, tail_col0 (see gemm_gluon_kernel)
+    out_origin: tuple[int, int] = (0, 0)  # the reduction writes C from this (row, column):
+    # Gluon's split tiles
 
     def launch_key(self, key: tuple) -> tuple:
         """``runtime.launch``'s key: the plan key, and what was chosen from it (tables that
@@ -603,9 +652,9 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     if (use_tma and auto_tma and config is None and out_dtype != torch.float32
             and not (INTERPRET or batched or epilogue or accumulate) and op_class == "16bit"):
         sms = num_sms(device_index(a))
-        choice = gluon_tiling(m, n, k, sms)
-        if choice is not None:
-            return _gluon_plan(m, n, k, layouts, *choice, sms)
+        schedule = gluon_tiling(m, n, k, sms)
+        if schedule is not None:
+            return _gluon_plan(m, n, k, layouts, schedule, sms)
     # accumulate reads C in the epilogue: the "epilogue" configs leave shared memory for it
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")
@@ -652,15 +701,24 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
                  constexprs, options)
 
 
-def _gluon_plan(m: int, n: int, k: int, layouts: tuple, t: GluonTiling, split: int,
+def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
                 sms: int) -> _Plan:
-    """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel``: tiling t, K split
-    ``split`` ways into an fp32 workspace that ``reduce_splits_kernel`` sums (in a fixed
-    order: deterministic)."""
+    """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``.
+    The split tiles' K pieces go to an fp32 workspace, one (rows, columns) block per piece
+    covering those tiles, which ``reduce_splits_kernel`` sums (in a fixed order:
+    deterministic) into C from ``out_origin``."""
+    t, dp, splits, column_tail = schedule
     (la, lb), bk = layouts, t.block_k
-    steps = cdiv(cdiv(k, bk), split)
     tm, tn = 64 * t.consumers, t.block_n + t.tail_n
-    programs = min(sms, cdiv(m, tm) * cdiv(n, tn) * split)
+    n_rows, n_cols = cdiv(m, tm), cdiv(n, tn)
+    k_steps = cdiv(k, bk)
+    split_tiles = n_rows * n_cols - dp
+    splits = cdiv(k_steps, cdiv(k_steps, splits)) if split_tiles else 1  # no empty pieces
+    units = dp + split_tiles * splits
+    programs = min(sms, units)
+    # the split tiles: whole rows (or columns) of tiles from this row (or column) of C on
+    origin = (0, dp // n_rows * tn) if column_tail else (dp // n_cols * tm, 0)
+    ws_rows = n_rows * tm - origin[0]
 
     def desc(layout, rows, cols):
         transposed, shape, strides = layout
@@ -669,12 +727,16 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, t: GluonTiling, split: i
     descs = (desc(la, 64, bk), desc(lb, bk, t.block_n),
              desc(lb, bk, t.tail_n) if t.tail_n else None, [64, t.block_n],
              [64, t.tail_n] if t.tail_n else None)
+    # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
+    # order) so that the split tiles come last as whole rows (columns)
+    group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
     constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
-                      STAGES=t.num_stages, CONSUMERS=t.consumers, SPLIT_K=split, GROUP_M=8,
-                      NUM_SMS=programs)
-    return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), split, steps,
-                 cdiv(m, tm) * tm, False, descs, (programs, 1), constexprs, dict(num_warps=4),
-                 cdiv(m, tm) * cdiv(n, tn) * split)
+                      STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
+                      HAS_SK=split_tiles > 0, GROUP_M=group_m, NUM_SMS=programs)
+    gluon_args = (units, dp, splits, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
+    return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), splits, 0,
+                 ws_rows, False, descs, (programs, 1), constexprs, dict(num_warps=4),
+                 gluon_args, origin)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
@@ -759,16 +821,18 @@ def gemm(
         else:
             ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
     elif split > 1:
-        ws = empty((split, o0, o1, plan.ws_rows, n), torch.float32, dev)
+        ws = empty((split, o0, o1, plan.ws_rows, n - plan.out_origin[1]), torch.float32, dev)
     if plan.kernel is gemm_gluon_kernel:
         sa, sb, sbt, out_block, tail_block = plan.descs
-        target = c if split == 1 else ws.view(split * plan.ws_rows, n)
-        rows = target.shape[0]
+        outs = [c] if split == 1 else [ws.view(split * plan.ws_rows, -1)]
+        if plan.constexprs["HAS_DP"] and split > 1:
+            outs.insert(0, c)
+        descs = [(gluon_descriptor(t, list(t.shape), [t.shape[1], 1], out_block),
+                  tail_block and gluon_descriptor(t, list(t.shape), [t.shape[1], 1], tail_block))
+                 for t in outs]
+        (cd, ctd), (wd, wtd) = descs[0], descs[-1]
         args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
-                sbt and gluon_descriptor(b, *sbt),
-                gluon_descriptor(target, [rows, n], [n, 1], out_block),
-                tail_block and gluon_descriptor(target, [rows, n], [n, 1], tail_block),
-                m, n, plan.units, plan.steps, plan.ws_rows if split > 1 else 0)
+                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, m, n, *plan.gluon_args)
         launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
                **plan.options)
     elif plan.tma:
@@ -798,11 +862,15 @@ def gemm(
         launch(gemm_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
                **plan.options)
     if split > 1 and ws is not c:  # sum the workspace's splits, or cast the fp32 sum
-        n_out = o0 * o1 * m * n
+        row0, col0 = plan.out_origin  # all of C, or the part of Gluon's split tiles
+        cols = n - col0
+        per_matrix = (m - row0) * cols
         rows, splits = (m, 1) if plan.reduce_add else (plan.ws_rows, split)
-        launch(reduce_splits_kernel, cdiv(n_out, REDUCE_BLOCK),
-               (ws, c, n_out, m * n, rows * n, o0 * o1 * rows * n),
-               dict(ACCUMULATE=accumulate, SPLIT_K=splits, BLOCK=REDUCE_BLOCK), num_warps=8)
+        launch(reduce_splits_kernel, cdiv(o0 * o1 * per_matrix, REDUCE_BLOCK),
+               (ws, c.view(-1)[row0 * n + col0:], o0 * o1 * per_matrix, per_matrix, rows * cols,
+                o0 * o1 * rows * cols, cols, n),
+               dict(ACCUMULATE=accumulate, STRIDED=col0 > 0, SPLIT_K=splits, BLOCK=REDUCE_BLOCK),
+               key=(plan.launch_key(key), "reduce"), num_warps=8)
     return GemmResult(c, d)
 
 

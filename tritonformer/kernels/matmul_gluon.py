@@ -46,20 +46,27 @@ PRODUCER_REGS = gl.constexpr(40)
 
 
 @gluon.jit
-def _unit(unit, M, N, TM: gl.constexpr, TN: gl.constexpr, SPLIT_K: gl.constexpr,
-          GROUP_M: gl.constexpr):
-    """Work unit -> (first row, first column, K split) of a TM x TN tile; GROUP_M rows of
-    tiles walk N together (the order of ``matmul._tile_coords``)."""
+def _unit(unit, M, N, dp_tiles, sk_splits, sk_steps, k_steps, TM: gl.constexpr,
+          TN: gl.constexpr, GROUP_M: gl.constexpr):
+    """Work unit -> (first row, first column, first BK step, BK steps, split?, split index).
+
+    Units below dp_tiles are whole tiles (all of K); the others split each remaining tile's K
+    into sk_splits pieces of sk_steps steps. Tiles in order, GROUP_M rows of tiles walking N
+    together (the order of ``matmul._tile_coords``)."""
+    sk = unit >= dp_tiles
+    u = gl.maximum(unit - dp_tiles, 0)
+    tile = gl.where(sk, dp_tiles + u // sk_splits, unit)
+    split = gl.where(sk, u % sk_splits, 0)
+    k0 = split * sk_steps
+    n_steps = gl.where(sk, gl.minimum(sk_steps, k_steps - k0), k_steps)
     num_pid_m = gl.cdiv(M, TM)
     num_pid_n = gl.cdiv(N, TN)
-    tile = unit // SPLIT_K
-    split = unit - tile * SPLIT_K
     width = GROUP_M * num_pid_n
     first_m = (tile // width) * GROUP_M
     size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (tile % width) % size_m
     pid_n = (tile % width) // size_m
-    return pid_m * TM, pid_n * TN, split
+    return pid_m * TM, pid_n * TN, k0, n_steps, sk, split
 
 
 @gluon.jit
@@ -73,11 +80,27 @@ def _load(desc, row, col, bar, dst, TRANSPOSED: gl.constexpr):
 
 
 @gluon.jit
+def _stage_store(acc, acc_t, desc, desc_t, smem, smem_t, row, col, BN: gl.constexpr,
+                 TAIL_N: gl.constexpr):
+    """One consumer's epilogue: its accumulators (and the tail's) through shared memory to
+    (row, col) of desc (and col + BN of desc_t) by TMA, once the previous stores have read
+    the staging buffers."""
+    tma.store_wait(0)
+    smem.store(acc.to(desc.dtype))
+    if TAIL_N > 0:
+        smem_t.store(acc_t.to(desc.dtype))
+    fence_async_shared()
+    gl.thread_barrier()  # every thread's part is staged before the TMA stores read it
+    tma.async_copy_shared_to_global(desc, [row, col], smem)
+    if TAIL_N > 0:
+        tma.async_copy_shared_to_global(desc_t, [row, col + BN], smem_t)
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N, units,
-              steps, A_T: gl.constexpr, B_T: gl.constexpr, BN: gl.constexpr,
-              TAIL_N: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr, SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
-              NUM_SMS: gl.constexpr):
+              dp_tiles, sk_splits, sk_steps, k_steps, A_T: gl.constexpr, B_T: gl.constexpr,
+              BN: gl.constexpr, TAIL_N: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+              CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
     """The producer warp: stage c % STAGES takes the program's c-th BK step (counted over its
     units) once every consumer has freed it: A's CONSUMERS row blocks, B's block and B's tail
     block."""
@@ -85,14 +108,14 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
     tail_bytes: gl.constexpr = bt_desc.block_type.nbytes if TAIL_N > 0 else 0
     c = 0
     for unit in range(gl.program_id(0), units, NUM_SMS):
-        om, on, split = _unit(unit, M, N, CONSUMERS * ROWS, BN + TAIL_N, SPLIT_K, GROUP_M)
-        k0 = split * steps * BK
-        for ks in range(steps):
+        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_splits, sk_steps,
+                                               k_steps, CONSUMERS * ROWS, BN + TAIL_N, GROUP_M)
+        for ks in range(n_steps):
             s = c % STAGES
             mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # the first round passes
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes + tail_bytes)
-            ok = k0 + ks * BK
+            ok = (k0 + ks) * BK
             for w in gl.static_range(CONSUMERS):
                 _load(a_desc, om + w * ROWS, ok, bar, a_smem.index(CONSUMERS * s + w), A_T)
             _load(b_desc, ok, on, bar, b_smem.index(s), B_T)
@@ -102,15 +125,16 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
 
 
 @gluon.jit
-def _consumer(W: gl.constexpr, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem, ct_smem, ready,
-              empty,
-              M, N, units, steps, ws_rows, A_T: gl.constexpr, B_T: gl.constexpr,
+def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+              c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
+              sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T: gl.constexpr,
+              B_T: gl.constexpr,
               BN: gl.constexpr, TAIL_N: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr, SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
-              NUM_SMS: gl.constexpr):
-    """Consumer warpgroup W: rows W * ROWS.. of every tile, accumulated in registers (the tail
-    columns in a second accumulator), staged in c_smem and stored by TMA (at row
-    split * ws_rows + .. of the workspace when split)."""
+              CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
+    """Consumer warpgroup W: rows W * ROWS.. of every unit's tile, accumulated in registers
+    (the tail columns in a second accumulator); a whole tile is stored to C, a K split's
+    partial sums to (split * ws_rows + row - tail_row0, column - tail_col0) of the fp32
+    workspace."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
     if TAIL_N > 0:
@@ -118,11 +142,13 @@ def _consumer(W: gl.constexpr, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem,
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TAIL_N, 16])
     c = 0
     for unit in range(gl.program_id(0), units, NUM_SMS):
-        om, on, split = _unit(unit, M, N, CONSUMERS * ROWS, BN + TAIL_N, SPLIT_K, GROUP_M)
+        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_splits, sk_steps,
+                                               k_steps, CONSUMERS * ROWS, BN + TAIL_N, GROUP_M)
         acc = gl.zeros([ROWS, BN], gl.float32, acc_layout)
+        acc_t = acc
         if TAIL_N > 0:
             acc_t = gl.zeros([ROWS, TAIL_N], gl.float32, tail_layout)
-        for ks in range(steps):
+        for ks in range(n_steps):
             s = c % STAGES
             mbarrier.wait(ready.index(s), (c // STAGES) & 1)
             a = a_smem.index(CONSUMERS * s + W)
@@ -149,16 +175,13 @@ def _consumer(W: gl.constexpr, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem,
         else:
             acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index((c - 1) % STAGES))
-        row = split * ws_rows + om + W * ROWS
-        tma.store_wait(0)  # the previous unit's stores have read c_smem
-        c_smem.store(acc.to(c_desc.dtype))
-        if TAIL_N > 0:
-            ct_smem.store(acc_t.to(c_desc.dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's part is in c_smem before the TMA stores read it
-        tma.async_copy_shared_to_global(c_desc, [row, on], c_smem)
-        if TAIL_N > 0:
-            tma.async_copy_shared_to_global(ct_desc, [row, on + BN], ct_smem)
+        if sk:
+            _stage_store(acc, acc_t, w_desc, wt_desc, w_smem, wt_smem,
+                         split * ws_rows + om - tail_row0 + W * ROWS, on - tail_col0, BN,
+                         TAIL_N)
+        else:
+            _stage_store(acc, acc_t, c_desc, ct_desc, c_smem, ct_smem, om + W * ROWS, on, BN,
+                         TAIL_N)
     tma.store_wait(0)
 
 
@@ -167,18 +190,27 @@ def gemm_gluon_kernel(
     a_desc,  # A (M, K), block [ROWS, BK]; with A_T its storage (K, M), block [BK, ROWS]
     b_desc,  # B (K, N), block [BK, BN]; with B_T its storage (N, K), block [BN, BK]
     bt_desc,  # TAIL_N > 0: B again, block [BK, TAIL_N] (B_T: [TAIL_N, BK]); else None
-    c_desc,  # C (M, N), or with SPLIT_K > 1 the fp32 workspace (SPLIT_K * ws_rows, N);
-             # block [ROWS, BN]
-    ct_desc,  # TAIL_N > 0: C (or the workspace) again, block [ROWS, TAIL_N]; else None
+    c_desc,  # C (M, N), block [ROWS, BN] (HAS_DP; else w_desc again)
+    ct_desc,  # TAIL_N > 0: C again, block [ROWS, TAIL_N]; else None
+    w_desc,  # HAS_SK: the fp32 workspace (sk_splits * ws_rows, N - tail_col0), block
+             # [ROWS, BN];
+             # else c_desc again
+    wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
     M, N,
-    units,  # tiles * SPLIT_K
-    steps,  # BK steps per split (TMA zero-fills past K)
-    ws_rows,  # workspace rows per split (M rounded up to tiles); 0 without one
+    units,  # dp_tiles + (tiles - dp_tiles) * sk_splits
+    dp_tiles,  # the first tiles, each one unit over all of K
+    sk_splits,  # K pieces of each other tile (1 without those)
+    sk_steps,  # BK steps per piece (the last may have fewer)
+    k_steps,  # BK steps of K (TMA zero-fills past K)
+    ws_rows,  # workspace rows per piece: the split tiles' rows, from C row tail_row0
+    tail_row0, tail_col0,  # C's (row, column) where the split tiles start: they are whole
+                           # rows of tiles from tail_row0 (or columns from tail_col0) on
     A_T: gl.constexpr, B_T: gl.constexpr,  # operand given through its transposed storage
     BN: gl.constexpr, TAIL_N: gl.constexpr,  # tiles of CONSUMERS * ROWS x (BN + TAIL_N)
     BK: gl.constexpr, STAGES: gl.constexpr,
     CONSUMERS: gl.constexpr,  # 2 or 3 consumer warpgroups, ROWS rows of the tile each
-    SPLIT_K: gl.constexpr, GROUP_M: gl.constexpr,
+    HAS_DP: gl.constexpr, HAS_SK: gl.constexpr,  # dp_tiles > 0, dp_tiles < tiles
+    GROUP_M: gl.constexpr,
     NUM_SMS: gl.constexpr,  # programs launched; each walks every NUM_SMS-th unit
 ):
     """Persistent, warp-specialised: see the module docstring."""
@@ -197,12 +229,20 @@ def gemm_gluon_kernel(
             bt_smem = gl.allocate_shared_memory(dtype, [STAGES, TAIL_N, BK], bt_desc.layout)
         else:
             bt_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, TAIL_N], bt_desc.layout)
-    # each consumer stages its [ROWS, BN] part of C, and its [ROWS, TAIL_N] tail part
+    # each consumer stages its [ROWS, BN] part of a tile (and [ROWS, TAIL_N] of the tail) for
+    # C and, split, for the workspace; one set of buffers when only one of them is written
     c_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, BN], c_desc.layout)
     ct_smem = c_smem
     if TAIL_N > 0:
         ct_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
                                             ct_desc.layout)
+    w_smem = c_smem
+    wt_smem = ct_smem
+    if HAS_DP and HAS_SK:
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, BN], w_desc.layout)
+        if TAIL_N > 0:
+            wt_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
+                                                wt_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -214,30 +254,40 @@ def gemm_gluon_kernel(
     # tuple built by concatenation would turn the constexprs into tensors)
     if CONSUMERS == 2:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(0),
-                          ct_smem.index(0), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
-                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(1),
-                          ct_smem.index(1), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
-                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          c_smem.index(0), ct_smem.index(0), w_smem.index(0),
+                          wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
+                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
+                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          c_smem.index(1), ct_smem.index(1), w_smem.index(1),
+                          wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
+                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
+                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
-                          units, steps, A_T, B_T, BN, TAIL_N, BK, STAGES, CONSUMERS, SPLIT_K,
-                          GROUP_M, NUM_SMS))],
+                          units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
+                          BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(0),
-                          ct_smem.index(0), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
-                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(1),
-                          ct_smem.index(1), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
-                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
-             (_consumer, (2, c_desc, ct_desc, a_smem, b_smem, bt_smem, c_smem.index(2),
-                          ct_smem.index(2), ready, empty, M, N, units, steps, ws_rows, A_T, B_T,
-                          BN, TAIL_N, STAGES, CONSUMERS, SPLIT_K, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          c_smem.index(0), ct_smem.index(0), w_smem.index(0),
+                          wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
+                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
+                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          c_smem.index(1), ct_smem.index(1), w_smem.index(1),
+                          wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
+                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
+                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
+             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          c_smem.index(2), ct_smem.index(2), w_smem.index(2),
+                          wt_smem.index(2), ready, empty, M, N, units, dp_tiles, sk_splits,
+                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
+                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
-                          units, steps, A_T, B_T, BN, TAIL_N, BK, STAGES, CONSUMERS, SPLIT_K,
-                          GROUP_M, NUM_SMS))],
+                          units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
+                          BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
 
 
