@@ -140,14 +140,16 @@ class GluonSchedule(NamedTuple):
 
 # Plain 2-D products of 16-bit operands into a 16-bit C on sm_90 whose 128 x 256 tiles would
 # fill the SMs fewer than GLUON_MAX_WAVES times (the weight gradients, small batches) run the
-# Gluon kernel with the tiling (and K split) of least cost by the split-K cost model below, a
-# step's cost scaled by the tile's area and speed; ties go to the earlier entry. The three
-# narrower tilings fill 132 SMs in one wave where 128 x 256 cannot: 192 x 128 (3072 x 1024:
-# 128 tiles), 128 x 160 (3072 x 768 and 768 x 3072: 120 tiles), 128 x 128 (2304 x 768: 108
-# tiles). Stages and speeds measured on an H100 (kernel time per tile step: 0.73, 0.75,
-# 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32 weight's gradient under
-# autocast) stays with the Triton kernel: over a long K in one split, this kernel's fp32 sums
-# had up to 3x the error of cuBLAS's (which splits such K), against the 2x the tests allow.
+# Gluon kernel with the schedule of least cost by the split-K cost model below
+# (``gluon_tiling``), a step's cost scaled by the tile's area and speed; ties go to the
+# earlier entry. Narrower tiles fill 132 SMs in one wave where 128 x 256 cannot: 192 x 128
+# (3072 x 1024: 128 tiles), 128 x 128 (2304 x 768: 108 tiles), 128 x 160 (3072 x 768 with K
+# 4096: 120 tiles); or whole tiles for one wave and the rest split across the SMs (3072 x 768:
+# 132 + 12 tiles of 128 x 128). Stages and speeds measured on an H100 (kernel time per tile
+# step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32 weight's
+# gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves shared
+# memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's 0.82-1.0x
+# on the d_model 768/1024 weight gradients).
 GLUON_TILINGS = (
     GluonTiling(2, 256, 0, 3, speed=1.0),
     GluonTiling(3, 128, 0, 4, speed=1.03),
