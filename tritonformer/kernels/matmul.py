@@ -1,7 +1,8 @@
-"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one; and the linear
+"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one (and, for plain
+under-filled products on Hopper, the Gluon kernel of ``matmul_gluon.py``); and the linear
 backward's elementwise pass (dZ = dY * act'(Z) with the bias gradient's column sums).
 
-One computation, two kernels:
+One computation, two kernels here:
 
     Z = sum_r  A[o, r] @ B[o, r]
     C[o] = activation(Z + bias)            the epilogue, on the fp32 accumulator
@@ -17,6 +18,10 @@ use IEEE products, or, when TF32 is allowed, TF32 tensor cores fed operands roun
   (a transposed view), read without copies.
 - ``gemm_kernel``: pointer loads with arbitrary strides and masks; every GPU and the
   interpreter.
+
+On sm_90 a plain 2-D product of 16-bit operands into a 16-bit C whose 128 x 256 tiles would
+fill the SMs fewer than twice (the weight gradients) runs ``matmul_gluon.gemm_gluon_kernel``
+instead, warp-specialised, with the tiles and K splits of ``gluon_tiling``.
 
 Both split K across programs when the output has too few tiles to fill the GPU (the
 weight-gradient GEMMs reduce every token into a small d x d output): each split writes its

@@ -1,20 +1,28 @@
 """Warp-specialised persistent GEMM for Hopper (sm_90) in Gluon, 16-bit operands.
 
 C = A @ B for 2-D operands TMA can read (either may be given through its transposed
-storage), written in C's dtype, or as fp32 partial sums of K splits into a workspace that
-``matmul.reduce_splits_kernel`` adds up. No bias or activation: this kernel is for the plain
-products whose tiles do not fill the GPU many times over, the weight gradients above all.
+storage), in C's dtype. No bias or activation: this kernel is for the plain products whose
+128 x 256 tiles would not fill the GPU twice, the weight gradients above all
+(``matmul.gluon_tiling`` picks the schedule, ``matmul.gemm`` launches it).
 
-One program per SM walks the (tile, K split) units ``unit = pid + i * NUM_SMS`` with three
-partitions:
+Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
+plus TAIL_N more in a second accumulator (128 x 160 = 128 + 32): sizes that fill the 132 SMs
+in one wave where 128 x 256 cannot. The work units: the first dp_tiles tiles whole (all of
+K, stored to C), then every other tile's K in sk_splits pieces, each stored as fp32 partial
+sums to a workspace that ``matmul.reduce_splits_kernel`` adds up into C. Those split tiles
+are whole rows of tiles (or, with the tiles in column order, whole columns) at the end of the
+order, so the workspace covers one block of C. dp_tiles = 0 is plain split-K; no split tiles,
+a plain GEMM.
 
-- a producer warp fills a ring of STAGES stages by TMA: per stage the two 64-row halves of
-  A's BK-wide block and B's [BK, BN] block;
-- two consumer warpgroups, one per 64-row half of the BM = 128-row tile, each issuing its
-  wgmmas asynchronously with one group in flight and freeing a stage once its wgmma is done
-  (a stage's empty barrier counts both consumers);
-- each consumer's epilogue stages its [64, BN] accumulator in shared memory and stores it by
-  TMA, while the producer already loads the next unit's stages.
+One program per SM walks the units ``unit = pid + i * NUM_SMS`` with these partitions:
+
+- a producer warp fills a ring of STAGES stages by TMA: per stage A's CONSUMERS 64-row blocks
+  of BK columns, B's [BK, BN] block (and its tail block);
+- the consumer warpgroups, one per 64-row block of the tile, each issuing its wgmmas
+  asynchronously with one step in flight and freeing a stage once its wgmmas are done (a
+  stage's empty barrier counts every consumer);
+- each consumer's epilogue stages its accumulators in shared memory and stores them by TMA,
+  while the producer already loads the next unit's stages.
 
 Triton's ``tl.dot`` pipeline (``matmul.gemm_tma_kernel``) waits on a CTA-wide barrier before
 every TMA issue and runs the epilogue in between; here the loads never wait for the math.
