@@ -253,8 +253,8 @@ def test_linear_matmul_through_tma_kernel(monkeypatch):
 def test_gluon_tiling_choice():
     """The Gluon kernel's schedule per shape (132 SMs): one wave of narrower tiles for the
     weight gradients that 128 x 256 tiles under-fill, whole tiles plus split rows of tiles
-    where the tiles overflow one wave, even K splits for the smallest, and the Triton
-    kernel's table (None) once 128 x 256 tiles fill the SMs twice."""
+    where the tiles overflow one wave, even K splits for the smallest, and 128 x 256 tiles
+    whole once they fill the SMs twice."""
     t128, t128_4, t192, t256 = (km.GluonTiling(2, 128, 0, 5, 1.0),
                                 km.GluonTiling(2, 128, 0, 4, 1.01),
                                 km.GluonTiling(3, 128, 0, 4, 1.03),
@@ -272,8 +272,8 @@ def test_gluon_tiling_choice():
         assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(*want), (m, n)
     for t in km.GLUON_TILINGS:
         assert t.smem(2) <= km.GLUON_SMEM  # every tiling fits a 16-bit C
-    assert km.gluon_tiling(16384, 768, 768, 132) is None  # forward shapes: 384 tiles
-    assert km.gluon_tiling(50304, 768, 16384, 132) is None  # LM head dW
+    for m, n in ((16384, 768), (50304, 768)):  # forward, LM head dW: 384, 1179 tiles whole
+        assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(t256, m // 128 * 3, 1)
 
 
 def test_split_k_choice():

@@ -1,5 +1,5 @@
-"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one (and, for plain
-under-filled products on Hopper, the Gluon kernel of ``matmul_gluon.py``); and the linear
+"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one (and, for plain 16-bit
+products on Hopper, the Gluon kernel of ``matmul_gluon.py``); and the linear
 backward's elementwise pass (dZ = dY * act'(Z) with the bias gradient's column sums).
 
 One computation, two kernels here:
@@ -19,9 +19,9 @@ use IEEE products, or, when TF32 is allowed, TF32 tensor cores fed operands roun
 - ``gemm_kernel``: pointer loads with arbitrary strides and masks; every GPU and the
   interpreter.
 
-On sm_90 a plain 2-D product of 16-bit operands into a 16-bit C whose 128 x 256 tiles would
-fill the SMs fewer than twice (the weight gradients) runs ``matmul_gluon.gemm_gluon_kernel``
-instead, warp-specialised, with the tiles and K splits of ``gluon_tiling``.
+On sm_90 a plain 2-D product of 16-bit operands into a 16-bit C runs
+``matmul_gluon.gemm_gluon_kernel`` instead, warp-specialised, with the tiles and K splits of
+``gluon_tiling``; the TMA kernel there serves the rest (epilogues, fp32, batched products).
 
 Both split K across programs when the output has too few tiles to fill the GPU (the
 weight-gradient GEMMs reduce every token into a small d x d output): each split writes its
@@ -143,20 +143,22 @@ class GluonSchedule(NamedTuple):
     # tiles (else whole rows)
 
 
-# Plain 2-D products of 16-bit operands into a 16-bit C on sm_90 whose 128 x 256 tiles would
-# fill the SMs fewer than GLUON_MAX_WAVES times (the weight gradients, small batches) run the
-# Gluon kernel with the schedule of least cost by the split-K cost model below
-# (``gluon_tiling``), a step's cost scaled by the tile's area and speed; ties go to the
-# earlier entry. Narrower tiles fill 132 SMs in one wave where 128 x 256 cannot: 192 x 128
-# (3072 x 1024: 128 tiles), 128 x 128 (2304 x 768: 108 tiles), 128 x 160 (3072 x 768 with K
-# 4096: 120 tiles); or whole tiles for one wave and the rest split across the SMs (3072 x 768:
-# 132 + 12 tiles of 128 x 128). Stages and speeds measured on an H100 (kernel time per tile
-# step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32 weight's
-# gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves shared
-# memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's 0.82-1.0x
-# on the d_model 768/1024 weight gradients).
+# Plain 2-D products of 16-bit operands into a 16-bit C on sm_90 run the Gluon kernel. Where
+# 128 x 256 tiles fill the SMs GLUON_MAX_WAVES times or more, those tiles whole (kernel-only
+# on the H100, GPT forward/dX shapes: 0.98-1.11x cuBLAS, the Triton kernel 0.94-1.10x); else
+# (the weight gradients, small batches) the schedule of least cost by the split-K cost model
+# below (``gluon_tiling``), a step's cost scaled by the tile's area and speed, ties going to
+# the earlier entry. Narrower tiles fill 132 SMs in one wave where 128 x 256 cannot: 192 x
+# 128 (3072 x 1024: 128 tiles), 128 x 128 (2304 x 768: 108 tiles), 128 x 160 (3072 x 768 with
+# K 4096: 120 tiles); or whole tiles for one wave and the rest split across the SMs (3072 x
+# 768: 132 + 12 tiles of 128 x 128). Stages and speeds measured on an H100 (kernel time per
+# tile step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32
+# weight's gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves
+# shared memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's
+# 0.82-1.0x on the d_model 768/1024 weight gradients), as do bias/activation epilogues,
+# accumulation into C, batched products and fp32 operands.
 GLUON_TILINGS = (
-    GluonTiling(2, 256, 0, 3, speed=1.0),
+    GluonTiling(2, 256, 0, 3, speed=1.0),  # first: the tiling of large products
     GluonTiling(3, 128, 0, 4, speed=1.03),
     GluonTiling(2, 128, 32, 4, speed=1.08),
     GluonTiling(2, 128, 0, 5, speed=1.0),
@@ -531,14 +533,15 @@ def _schedule_cost(tiles: int, dp: int, splits: int, k_steps: int, sms: int) -> 
     return worst + (FIXED_STEPS if sk_units else 0)
 
 
-def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule | None:
-    """The Gluon kernel's schedule of least cost for an (m, k) @ (k, n) product with a 16-bit
-    output, or None when 128 x 256 tiles fill the SMs GLUON_MAX_WAVES times (the Triton
-    kernel's table then serves). Candidates per tiling: every tile whole; every tile's K
-    split evenly; and, with more tiles than SMs, whole tiles for full waves and the rest
-    (whole rows of tiles, last in order) split across all the SMs."""
+def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule:
+    """The Gluon kernel's schedule for an (m, k) @ (k, n) product with a 16-bit output: 128 x
+    256 tiles whole once they fill the SMs GLUON_MAX_WAVES times, else the least cost of, per
+    tiling: every tile whole; every tile's K split evenly; and, with more tiles than SMs,
+    whole tiles for full waves and the rest (whole rows or columns of tiles, last in order)
+    split across all the SMs."""
+    t256 = GLUON_TILINGS[0]
     if cdiv(m, 128) * cdiv(n, 256) >= GLUON_MAX_WAVES * sms:
-        return None
+        return GluonSchedule(t256, cdiv(m, 128) * cdiv(n, 256), 1)
     best, best_cost = None, None
     for t in GLUON_TILINGS:
         n_rows, n_cols = cdiv(m, 64 * t.consumers), cdiv(n, t.block_n + t.tail_n)
@@ -659,9 +662,7 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     if (use_tma and auto_tma and config is None and out_dtype != torch.float32
             and not (INTERPRET or batched or epilogue or accumulate) and op_class == "16bit"):
         sms = num_sms(device_index(a))
-        schedule = gluon_tiling(m, n, k, sms)
-        if schedule is not None:
-            return _gluon_plan(m, n, k, layouts, schedule, sms)
+        return _gluon_plan(m, n, k, layouts, gluon_tiling(m, n, k, sms), sms)
     # accumulate reads C in the epilogue: the "epilogue" configs leave shared memory for it
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")

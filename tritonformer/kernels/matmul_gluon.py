@@ -1,9 +1,9 @@
 """Warp-specialised persistent GEMM for Hopper (sm_90) in Gluon, 16-bit operands.
 
 C = A @ B for 2-D operands TMA can read (either may be given through its transposed
-storage), in C's dtype. No bias or activation: this kernel is for the plain products whose
-128 x 256 tiles would not fill the GPU twice, the weight gradients above all
-(``matmul.gluon_tiling`` picks the schedule, ``matmul.gemm`` launches it).
+storage), in C's dtype. No bias or activation: this kernel runs the plain products with a
+16-bit C, the weight gradients above all (``matmul.gluon_tiling`` picks the schedule,
+``matmul.gemm`` launches it).
 
 Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
 plus TAIL_N more in a second accumulator (128 x 160 = 128 + 32): sizes that fill the 132 SMs
