@@ -385,8 +385,9 @@ def test_split_k_gpu():
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_gluon_kernel_gpu(dtype, monkeypatch):
-    """Every Gluon tiling, with and without K splits, on odd shapes, each operand given
-    directly or through its transposed storage, against float64 and cuBLAS."""
+    """Every Gluon tiling with every kind of schedule (whole tiles; every tile's K split;
+    whole tiles, then the last row or column of tiles split) on odd shapes, each operand
+    given directly or through its transposed storage, against float64 and cuBLAS."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon GEMM needs sm_90")
     shapes = ((1000, 520, 776), (136, 40, 4000), (8, 8, 64), (2304, 768, 16384))

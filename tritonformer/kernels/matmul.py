@@ -111,6 +111,7 @@ INTERPRET_CONFIG = GemmConfig(256, 256, 256, num_stages=1, num_warps=4)
 DZ_BLOCK = (256, 256) if INTERPRET else (32, 128)
 DZ_PROGRAMS_PER_SM = 4
 
+
 @dataclasses.dataclass(frozen=True)
 class GluonTiling:
     """A tiling of the warp-specialised Gluon kernel (kernels/matmul_gluon.py): tiles of
