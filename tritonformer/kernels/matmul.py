@@ -629,15 +629,27 @@ class _Plan(NamedTuple):
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
+    variant: tuple  # what was chosen from the plan key (grid, constexprs): with the key, the
+    # launch's key (tables that tests change between calls with the same key)
+    ws_shape: tuple  # the fp32 workspace of the splits' partial sums; () for none
+    reduce: tuple  # reduce_splits_kernel's (grid, arguments after ws and out, constexprs,
+    # offset of its output in C) when the splits are summed or cast by it; () otherwise
     gluon_args: tuple = ()  # Gluon: units, dp_tiles, sk_splits, sk_steps, k_steps, ws_rows,
     # tail_row0, tail_col0 (see gemm_gluon_kernel)
-    out_origin: tuple[int, int] = (0, 0)  # the reduction writes C from this (row, column):
-    # Gluon's split tiles
 
-    def launch_key(self, key: tuple) -> tuple:
-        """``runtime.launch``'s key: the plan key, and what was chosen from it (tables that
-        tests change between calls with the same key)."""
-        return key, self.grid, *self.constexprs.values()
+
+def _reduce_launch(n_mats: int, m: int, n: int, rows: int, splits: int, origin: tuple[int, int],
+                   accumulate: bool) -> tuple:
+    """``_Plan.reduce`` for summing ``splits`` workspace blocks of ``rows`` rows into C's
+    n_mats (m, n) matrices from (row, column) ``origin`` on (a strided block when the column
+    is not 0)."""
+    row0, col0 = origin
+    cols = n - col0
+    per_matrix = (m - row0) * cols
+    args = (n_mats * per_matrix, per_matrix, rows * cols, n_mats * rows * cols, cols, n)
+    constexprs = dict(ACCUMULATE=accumulate, STRIDED=col0 > 0, SPLIT_K=splits,
+                      BLOCK=REDUCE_BLOCK)
+    return cdiv(n_mats * per_matrix, REDUCE_BLOCK), args, constexprs, row0 * n + col0
 
 
 def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bias: bool,
@@ -704,10 +716,16 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     kernel = gemm_tma_kernel if use_tma else gemm_kernel
     constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
     options = dict(num_stages=config.num_stages, num_warps=config.num_warps)
+    ws_rows = cdiv(m, bm) * bm if use_tma else m
+    ws_shape, reduce = (), ()
+    if split > 1 and not reduce_add:  # a workspace per split, summed
+        ws_shape = (split, o0, o1, ws_rows, n)
+        reduce = _reduce_launch(o0 * o1, m, n, ws_rows, split, (0, 0), accumulate)
+    elif reduce_add and out_dtype != torch.float32:  # one fp32 sum, cast into C
+        reduce = _reduce_launch(1, m, n, m, 1, (0, 0), accumulate)
     return _Plan(kernel, use_tma, batched, (o0, o1, r, m, n, k),
-                 (o0, o1, m, n) if batched else (m, n),
-                 split, steps, cdiv(m, bm) * bm if use_tma else m, reduce_add, descs, grid,
-                 constexprs, options)
+                 (o0, o1, m, n) if batched else (m, n), split, steps, ws_rows, reduce_add, descs,
+                 grid, constexprs, options, (grid, *constexprs.values()), ws_shape, reduce)
 
 
 def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
@@ -715,7 +733,7 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
     """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``.
     The split tiles' K pieces go to an fp32 workspace, one (rows, columns) block per piece
     covering those tiles, which ``reduce_splits_kernel`` sums (in a fixed order:
-    deterministic) into C from ``out_origin``."""
+    deterministic) into C from the first split tile on."""
     t, dp, splits, column_tail = schedule
     (la, lb), bk = layouts, t.block_k
     tm, tn = 64 * t.consumers, t.block_n + t.tail_n
@@ -733,9 +751,15 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
         transposed, shape, strides = layout
         return shape, strides, [cols, rows] if transposed else [rows, cols]
 
+    ws_shape = (splits * ws_rows, n - origin[1]) if split_tiles else ()
+    targets = [((m, n), True)] * (dp > 0) + [(ws_shape, False)] * (split_tiles > 0)
+    # per target (C, then the workspace): its descriptors' (shape, strides, block), the
+    # tail's (or None), and whether it is C
+    outs = tuple(([*shape], [shape[1], 1], [64, t.block_n], is_c) for shape, is_c in targets)
+    tails = tuple(([*shape], [shape[1], 1], [64, t.tail_n]) if t.tail_n else None
+                  for shape, _ in targets)
     descs = (desc(la, 64, bk), desc(lb, bk, t.block_n),
-             desc(lb, bk, t.tail_n) if t.tail_n else None, [64, t.block_n],
-             [64, t.tail_n] if t.tail_n else None)
+             desc(lb, bk, t.tail_n) if t.tail_n else None, outs, tails)
     # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
     # order) so that the split tiles come last as whole rows (columns)
     group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
@@ -743,9 +767,11 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
                       HAS_SK=split_tiles > 0, GROUP_M=group_m, NUM_SMS=programs)
     gluon_args = (units, dp, splits, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
+    reduce = _reduce_launch(1, m, n, ws_rows, splits, origin, False) if split_tiles else ()
+    grid = (programs, 1)
     return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), splits, 0,
-                 ws_rows, False, descs, (programs, 1), constexprs, dict(num_warps=4),
-                 gluon_args, origin)
+                 ws_rows, False, descs, grid, constexprs, dict(num_warps=4),
+                 (grid, *constexprs.values()), ws_shape, reduce, gluon_args)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
@@ -829,20 +855,18 @@ def gemm(
             ws = c if accumulate else c.zero_()
         else:
             ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
-    elif split > 1:
-        ws = empty((split, o0, o1, plan.ws_rows, n - plan.out_origin[1]), torch.float32, dev)
+    elif plan.ws_shape:
+        ws = empty(plan.ws_shape, torch.float32, dev)
+    launch_key = (key, plan.variant)
     if plan.kernel is gemm_gluon_kernel:
-        sa, sb, sbt, out_block, tail_block = plan.descs
-        outs = [c] if split == 1 else [ws.view(split * plan.ws_rows, -1)]
-        if plan.constexprs["HAS_DP"] and split > 1:
-            outs.insert(0, c)
-        descs = [(gluon_descriptor(t, list(t.shape), [t.shape[1], 1], out_block),
-                  tail_block and gluon_descriptor(t, list(t.shape), [t.shape[1], 1], tail_block))
-                 for t in outs]
+        sa, sb, sbt, outs, tails = plan.descs
+        descs = [(gluon_descriptor(c if is_c else ws, shape, strides, block),
+                  tail and gluon_descriptor(c if is_c else ws, *tail))
+                 for (shape, strides, block, is_c), tail in zip(outs, tails, strict=True)]
         (cd, ctd), (wd, wtd) = descs[0], descs[-1]
         args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
                 sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, m, n, *plan.gluon_args)
-        launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+        launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
     elif plan.tma:
         a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
@@ -856,7 +880,7 @@ def gemm(
                 None if d is None else _descriptor(d.view(m, n), [m, n], [n, 1], out_block),
                 bias, m, n, k, plan.steps,
                 plan.ws_rows if split > 1 and not plan.reduce_add else 0)  # fmt: skip
-        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
     else:
         a_strides = a.stride() if plan.batched else (0, 0, 0, *a.stride())
@@ -868,18 +892,13 @@ def gemm(
             c_strides = c.stride() if plan.batched else (0, 0, *c.stride())
         args = (a, b, target, d, bias, m, n, k, r, o1, plan.steps,
                 *a_strides, *b_strides, *c_strides, s_split)  # fmt: skip
-        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=plan.launch_key(key),
+        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
-    if split > 1 and ws is not c:  # sum the workspace's splits, or cast the fp32 sum
-        row0, col0 = plan.out_origin  # all of C, or the part of Gluon's split tiles
-        cols = n - col0
-        per_matrix = (m - row0) * cols
-        rows, splits = (m, 1) if plan.reduce_add else (plan.ws_rows, split)
-        launch(reduce_splits_kernel, cdiv(o0 * o1 * per_matrix, REDUCE_BLOCK),
-               (ws, c.view(-1)[row0 * n + col0:], o0 * o1 * per_matrix, per_matrix, rows * cols,
-                o0 * o1 * rows * cols, cols, n),
-               dict(ACCUMULATE=accumulate, STRIDED=col0 > 0, SPLIT_K=splits, BLOCK=REDUCE_BLOCK),
-               key=(plan.launch_key(key), "reduce"), num_warps=8)
+    if plan.reduce:  # sum the workspace's splits, or cast the fp32 sum (into C from offset on)
+        grid, reduce_args, constexprs, offset = plan.reduce
+        launch(reduce_splits_kernel, grid, (ws, c.view(-1)[offset:] if offset else c,
+                                            *reduce_args),
+               constexprs, key=(launch_key, "reduce"), num_warps=8)
     return GemmResult(c, d)
 
 
