@@ -562,8 +562,7 @@ def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule:
             if t.smem(staged) > GLUON_SMEM:
                 continue
             cost = _schedule_cost(tiles, dp, s, k_steps, sms) * area
-            if best_cost is None or cost < best_cost:
-                s = cdiv(k_steps, cdiv(k_steps, s))  # no empty pieces
+            if best_cost is None or cost < best_cost:  # (_gluon_plan drops empty pieces)
                 best, best_cost = GluonSchedule(t, dp, s, cols), cost
     return best
 
