@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -628,8 +629,8 @@ class _Plan(NamedTuple):
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
-    variant: tuple  # what was chosen from the plan key (grid, constexprs): with the key, the
-    # launch's key (tables that tests change between calls with the same key)
+    launch_id: int  # the launches' key (runtime.launch): one per plan made, so that a plan
+    # made again for the same arguments (tables that tests change) gets its own compiled kernel
     ws_shape: tuple  # the fp32 workspace of the splits' partial sums; () for none
     reduce: tuple  # reduce_splits_kernel's (grid, arguments after ws and out, constexprs,
     # offset of its output in C) when the splits are summed or cast by it; () otherwise
@@ -724,7 +725,7 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
         reduce = _reduce_launch(1, m, n, m, 1, (0, 0), accumulate)
     return _Plan(kernel, use_tma, batched, (o0, o1, r, m, n, k),
                  (o0, o1, m, n) if batched else (m, n), split, steps, ws_rows, reduce_add, descs,
-                 grid, constexprs, options, (grid, *constexprs.values()), ws_shape, reduce)
+                 grid, constexprs, options, next(_LAUNCH_IDS), ws_shape, reduce)
 
 
 def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
@@ -770,12 +771,13 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
     grid = (programs, 1)
     return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), splits, 0,
                  ws_rows, False, descs, grid, constexprs, dict(num_warps=4),
-                 (grid, *constexprs.values()), ws_shape, reduce, gluon_args)
+                 next(_LAUNCH_IDS), ws_shape, reduce, gluon_args)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
 #: same few dozen GEMMs, and planning one costs more CPU time than launching it.
 _PLANS: dict[tuple, _Plan] = {}
+_LAUNCH_IDS = itertools.count()
 
 
 def _descriptor(base: torch.Tensor, shape: list[int], strides: list[int],
@@ -856,7 +858,7 @@ def gemm(
             ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
     elif plan.ws_shape:
         ws = empty(plan.ws_shape, torch.float32, dev)
-    launch_key = (key, plan.variant)
+    launch_key = plan.launch_id
     if plan.kernel is gemm_gluon_kernel:
         sa, sb, sbt, outs, tails = plan.descs
         descs = [(gluon_descriptor(c if is_c else ws, shape, strides, block),
@@ -897,7 +899,7 @@ def gemm(
         grid, reduce_args, constexprs, offset = plan.reduce
         launch(reduce_splits_kernel, grid, (ws, c.view(-1)[offset:] if offset else c,
                                             *reduce_args),
-               constexprs, key=(launch_key, "reduce"), num_warps=8)
+               constexprs, key=(launch_key, 1), num_warps=8)
     return GemmResult(c, d)
 
 

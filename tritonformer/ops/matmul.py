@@ -110,21 +110,26 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    """t in dtype (t itself when it already is: ``Tensor.to`` costs ~1 us of host time)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The product, and with an autograd ``ctx`` what its backward needs (ctx None: no graph
-    is recorded, nothing is saved)."""
+def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor,
+                    batch: tuple[int, ...]) -> torch.Tensor:
+    """The product, batch dims ``batch`` (a's and b's broadcast), and with an autograd ``ctx``
+    what its backward needs (ctx None: no graph is recorded, nothing is saved)."""
     dt = _compute_dtype(a)
-    ac, bc = a.to(dt), b.to(dt)
+    ac, bc = _cast(a, dt), _cast(b, dt)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    batch = _broadcast(a.shape[:-2], b.shape[:-2])
-    a2 = _rows(ac) if b.shape[:-2].numel() == 1 else None
+    if b.dim() == 2:
+        a2 = ac if ac.dim() == 2 else _rows(ac)
+    else:
+        a2 = _rows(ac) if b.shape[:-2].numel() == 1 else None
     need_a, need_b = ctx.needs_input_grad[:2] if ctx is not None else (False, False)
     if a2 is not None:  # (..., M, K) @ (K, N): one 2-D GEMM over all rows
-        x, y = a2, bc.view(k, n)
-        out = gemm(x, y, dt).c.view(*batch, m, n)
+        x, y = a2, bc if bc.dim() == 2 else bc.view(k, n)
+        out = gemm(x, y, dt).c
+        out = out.view(*batch, m, n) if batch else out
     else:
         x, y = ac.expand(*batch, m, k), bc.expand(*batch, k, n)
         out = _batched_gemm(x, y, [True] * len(batch), dt).view(*batch, m, n)
@@ -145,8 +150,8 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
 class MatmulFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _matmul_forward(ctx, a, b)
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+        return _matmul_forward(ctx, a, b, batch)
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
@@ -162,7 +167,7 @@ class MatmulFunction(torch.autograd.Function):
                 da = gemm(dc2, y.t(), a_dtype).c.view(a_shape)
             if need_b:  # dB = A^T dC, reduced over all rows in fp32
                 db = gemm(x.t(), dc2, b_dtype).c.view(b_shape)
-            return da, db
+            return da, db, None
         nb = len(batch)
 
         def keep(shape: torch.Size) -> list[bool]:
@@ -173,7 +178,7 @@ class MatmulFunction(torch.autograd.Function):
             da = _batched_gemm(dc, y.transpose(-1, -2), keep(a_shape), a_dtype).view(a_shape)
         if need_b:
             db = _batched_gemm(x.transpose(-1, -2), dc, keep(b_shape), b_dtype).view(b_shape)
-        return da, db
+        return da, db, None
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -200,22 +205,23 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"a's last dimension ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]}); "
             f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
-    if _broadcast(a.shape[:-2], b.shape[:-2]) is None:
+    batch = () if a.dim() == b.dim() == 2 else _broadcast(a.shape[:-2], b.shape[:-2])
+    if batch is None:
         raise ValueError(
             f"the batch dimensions of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} "
             "do not broadcast"
         )
     if not _records_grad(a, b):
-        return _matmul_forward(None, a, b)
-    return MatmulFunction.apply(a, b)
+        return _matmul_forward(None, a, b, batch)
+    return MatmulFunction.apply(a, b, batch)
 
 
 def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
     """activation(x W^T + b), and with an autograd ``ctx`` what its backward needs, act'(Z)
     included (ctx None: no graph is recorded, nothing is saved)."""
     dt = _compute_dtype(x)
-    xc, wc, bc = x.to(dt), weight.to(dt), _cast(bias, dt)
-    x2 = xc.reshape(-1, x.shape[-1])
+    xc, wc, bc = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
+    x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
     y2, dact = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
                     save_dact=ctx is not None and activation is not None)
     if ctx is not None:
