@@ -188,6 +188,31 @@ def test_cross_entropy_sampled_check():
     check_cross_entropy_sampled(65, MULTI_BLOCK_V, torch.float32, chunk=16, n_sample=8)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("per_row_grad", [False, True])
+def test_cross_entropy_fwd_bwd_kernel(dtype, label_smoothing, per_row_grad):
+    """The fused kernel (the LM head's loss and dlogits in one pass, written in place) gives
+    the separate forward and backward kernels' results: odd rows over several vocabulary
+    blocks, ignored rows, one out-of-range target (NaN loss and gradient row)."""
+    from tritonformer.kernels import cross_entropy as kce
+
+    n, v = 7, MULTI_BLOCK_V
+    logits = randn(n, v, dtype=dtype, scale=2.0)
+    target = make_target((n,), v)
+    target[2] = v  # out of range
+    grad = torch.rand(n if per_row_grad else (), device=DEVICE) + 0.5
+    lse, loss = kce.cross_entropy_fwd(logits, target, -100, label_smoothing)
+    dlogits = kce.cross_entropy_bwd(logits, target, lse, grad, -100, label_smoothing)
+    fused = logits.clone()
+    lse2, loss2 = kce.cross_entropy_fwd_bwd(fused, target, grad, -100, label_smoothing, fused)
+    active = target != -100
+    torch.testing.assert_close(lse2[active], lse[active], rtol=0, atol=0)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused, dlogits, rtol=0, atol=0, equal_nan=True)
+    assert loss2[2].isnan() and fused[2].isnan().all() and not fused[3:].isnan().any()
+
+
 def test_cross_entropy_module_matches_torch():
     logits = randn(9, 30)
     for kwargs in [{}, dict(ignore_index=2, reduction="sum", label_smoothing=0.2),

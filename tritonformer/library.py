@@ -295,6 +295,28 @@ _register(cross_entropy.cross_entropy_bwd, _cross_entropy_bwd, lambda *args: Non
           _cross_entropy_bwd_traced, mutates_args=("out",))  # fmt: skip
 
 
+def _cross_entropy_fwd_bwd(
+    logits: Tensor, target: Tensor, grad: Tensor, ignore_index: int, label_smoothing: float,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    return cross_entropy.cross_entropy_fwd_bwd(logits, target, grad, ignore_index,
+                                               label_smoothing, out)  # fmt: skip
+
+
+def _cross_entropy_fwd_bwd_traced(logits, target, grad, ignore_index, label_smoothing, out):
+    return _op("cross_entropy_fwd_bwd")(logits, target, grad, ignore_index, label_smoothing, out)
+
+
+_register(
+    cross_entropy.cross_entropy_fwd_bwd,
+    _cross_entropy_fwd_bwd,
+    lambda logits, *args: (_like(logits, logits.shape[:1], torch.float32),
+                           _like(logits, logits.shape[:1], torch.float32)),
+    _cross_entropy_fwd_bwd_traced,
+    mutates_args=("out",),
+)
+
+
 def _scale_cast(a: Tensor, scale: Tensor | None, out: Tensor) -> None:
     linear_cross_entropy.scale_cast(a, scale, out)
 

@@ -10,7 +10,9 @@ recomputes softmax = exp(logits - lse) and writes
     dlogits = (softmax - (1 - eps) * onehot(target) - eps / V) * g
 
 in the logits' dtype, where g is the row's loss gradient already scaled by the reduction; it
-needs no buffer besides dlogits itself, and may write it over the logits (in place). Rows
+needs no buffer besides dlogits itself, and may write it over the logits (in place). Where g
+is known before the forward (the fused LM head's "mean"/"sum"), one kernel does both per row
+(``cross_entropy_fwd_bwd``), part of its second read of a row coming from L2. Rows
 whose target is ``ignore_index`` read nothing and get loss 0 and gradient 0. A row whose target
 is neither ``ignore_index`` nor in [0, V) gets a NaN loss and a NaN gradient row (never a
 silent answer when the host-side value check is off) and never reads outside its row. Row
@@ -40,37 +42,31 @@ CONFIG = (
 
 
 @triton.jit
-def cross_entropy_fwd_kernel(
-    logits_ptr,  # logits, [n_rows, n_cols], unit column stride, fp32/fp16/bf16
-    target_ptr,  # class index per row, [n_rows], int64 or int32
-    lse_ptr,  # output: logsumexp per row, [n_rows], fp32 (unspecified for ignored rows)
-    loss_ptr,  # output: loss per row, [n_rows], fp32 (0 for ignored rows)
-    n_rows,  # number of rows N
-    n_cols,  # vocabulary size V
-    row_stride,  # elements between rows of logits
-    ignore_index,  # target value whose rows are ignored
-    label_smoothing,  # eps in [0, 1]
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_V: tl.constexpr,  # vocabulary block width
-    SMOOTH: tl.constexpr,  # label_smoothing > 0: also sum the logits
-):
-    """Per-row logsumexp and loss, BLOCK_M rows per program, looping over the vocabulary."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _rows(block, target_ptr, n_rows, n_cols, ignore_index, BLOCK_M: tl.constexpr):
+    """Row block ``block``: (indices, in range, target as int64, active = in range and not
+    ignored, bad = active with a target outside [0, V): flagged with NaN)."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     active = row_mask & (target != ignore_index)
-    bad = active & ((target < 0) | (target >= n_cols))  # flagged with a NaN loss
+    bad = active & ((target < 0) | (target >= n_cols))
+    return rows, row_mask, target, active, bad
+
+
+@triton.jit
+def _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, lse_ptr,
+          loss_ptr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr):
+    """The rows' online logsumexp over the vocabulary and their loss, stored; returns lse."""
     valid = active & ~bad
-    row_start = logits_ptr + rows.to(tl.int64) * row_stride
-    x_target = tl.load(row_start + tl.where(valid, target, 0), mask=valid, other=0.0)
-    x_rows = row_start[:, None]
+    x_target = tl.load(x_rows + tl.where(valid, target, 0), mask=valid, other=0.0)
     cols = tl.arange(0, BLOCK_V)[None, :]
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     x_sum = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         mask = active[:, None] & (start + cols < n_cols)
-        x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(x_rows[:, None] + start + cols, mask=mask, other=float("-inf"))
+        x = x.to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # Shift by 0 while the max is still -inf (ignored rows, chunks of only -inf), so
         # that exp(-inf - -inf) = NaN never enters the sum.
@@ -88,6 +84,56 @@ def cross_entropy_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     loss = tl.where(bad, float("nan"), tl.where(active, loss, 0.0))
     tl.store(loss_ptr + rows, loss, mask=row_mask)
+    return lse
+
+
+@triton.jit
+def _grad(x_rows, d_rows, rows, target, active, bad, row_mask, lse, grad_ptr, grad_stride,
+          n_cols, label_smoothing, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr,
+          REVERSE: tl.constexpr):
+    """dlogits = (exp(logits - lse) - (1 - eps) onehot(target) - eps / V) * grad of the
+    rows, written block by block (each block read before it is written: in place works);
+    REVERSE: last block first (the blocks a forward pass read last are likeliest in L2)."""
+    # Ignored rows get g = 0 and read no logits: their gradient is exactly 0.
+    g = tl.load(grad_ptr + rows.to(tl.int64) * grad_stride, mask=active, other=0.0)
+    lse = tl.where(active, lse, 0.0)
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    on_target = 1.0 - label_smoothing
+    n_blocks = tl.cdiv(n_cols, BLOCK_V)
+    for i in range(0, n_blocks):
+        start = (n_blocks - 1 - i if REVERSE else i) * BLOCK_V
+        in_row = start + cols < n_cols
+        x = tl.load(x_rows[:, None] + start + cols, mask=active[:, None] & in_row, other=0.0)
+        d = tl.exp(x.to(tl.float32) - lse[:, None])
+        if SMOOTH:
+            d -= label_smoothing / n_cols
+        d = tl.where(start + cols == target[:, None], d - on_target, d) * g[:, None]
+        d = tl.where(bad[:, None], float("nan"), d)
+        tl.store(d_rows[:, None] + start + cols, d.to(d_rows.dtype.element_ty),
+                 mask=row_mask[:, None] & in_row)
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    logits_ptr,  # logits, [n_rows, n_cols], unit column stride, fp32/fp16/bf16
+    target_ptr,  # class index per row, [n_rows], int64 or int32
+    lse_ptr,  # output: logsumexp per row, [n_rows], fp32 (unspecified for ignored rows)
+    loss_ptr,  # output: loss per row, [n_rows], fp32 (0 for ignored rows)
+    n_rows,  # number of rows N
+    n_cols,  # vocabulary size V
+    row_stride,  # elements between rows of logits
+    ignore_index,  # target value whose rows are ignored
+    label_smoothing,  # eps in [0, 1]
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary block width
+    SMOOTH: tl.constexpr,  # label_smoothing > 0: also sum the logits
+):
+    """Per-row logsumexp and loss, BLOCK_M rows per program, looping over the vocabulary."""
+    rows, row_mask, target, active, bad = _rows(tl.program_id(0), target_ptr, n_rows, n_cols,
+                                                ignore_index, BLOCK_M)
+    x_rows = logits_ptr + rows.to(tl.int64) * row_stride
+    _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, lse_ptr,
+          loss_ptr, BLOCK_M, BLOCK_V, SMOOTH)
 
 
 @triton.jit
@@ -110,28 +156,46 @@ def cross_entropy_bwd_kernel(
     SMOOTH: tl.constexpr,  # label_smoothing > 0
 ):
     """dlogits = (exp(logits - lse) - (1 - eps) onehot(target) - eps / V) * grad per row."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
-    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-    active = row_mask & (target != ignore_index)
-    bad = active & ((target < 0) | (target >= n_cols))  # flagged with a NaN gradient row
-    # Ignored rows get g = 0 and read no logits: their gradient is exactly 0.
-    g = tl.load(grad_ptr + rows.to(tl.int64) * grad_stride, mask=active, other=0.0)
+    rows, row_mask, target, active, bad = _rows(tl.program_id(0), target_ptr, n_rows, n_cols,
+                                                ignore_index, BLOCK_M)
     lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-    x_rows = (logits_ptr + rows.to(tl.int64) * row_stride)[:, None]
-    d_rows = (dlogits_ptr + rows.to(tl.int64) * dlogits_row_stride)[:, None]
-    cols = tl.arange(0, BLOCK_V)[None, :]
-    on_target = 1.0 - label_smoothing
-    for start in range(0, n_cols, BLOCK_V):
-        in_row = start + cols < n_cols
-        x = tl.load(x_rows + start + cols, mask=active[:, None] & in_row, other=0.0)
-        d = tl.exp(x.to(tl.float32) - lse[:, None])
-        if SMOOTH:
-            d -= label_smoothing / n_cols
-        d = tl.where(start + cols == target[:, None], d - on_target, d) * g[:, None]
-        d = tl.where(bad[:, None], float("nan"), d)
-        tl.store(d_rows + start + cols, d.to(dlogits_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & in_row)
+    _grad(logits_ptr + rows.to(tl.int64) * row_stride,
+          dlogits_ptr + rows.to(tl.int64) * dlogits_row_stride, rows, target, active, bad,
+          row_mask, lse, grad_ptr, grad_stride, n_cols, label_smoothing, BLOCK_V, SMOOTH,
+          False)
+
+
+@triton.jit
+def cross_entropy_fwd_bwd_kernel(
+    logits_ptr,  # logits, [n_rows, n_cols], unit column stride
+    target_ptr,  # class index per row, [n_rows], int64 or int32
+    lse_ptr,  # output: logsumexp per row, [n_rows], fp32 (unspecified for ignored rows)
+    loss_ptr,  # output: loss per row, [n_rows], fp32 (0 for ignored rows)
+    grad_ptr,  # loss gradient already scaled by the reduction: [n_rows] or one value, fp32
+    dlogits_ptr,  # output: as cross_entropy_bwd_kernel's (may be logits_ptr)
+    n_rows,  # number of rows N
+    n_cols,  # vocabulary size V
+    row_stride,  # elements between rows of logits
+    dlogits_row_stride,  # elements between rows of dlogits
+    grad_stride,  # elements between rows' values in grad_ptr (0: one value for all rows)
+    ignore_index,  # target value whose rows are ignored
+    label_smoothing,  # eps in [0, 1]
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary block width
+    SMOOTH: tl.constexpr,  # label_smoothing > 0
+):
+    """The forward and the backward of BLOCK_M rows in one program. Its second pass over a
+    row runs from the row's last block, which the first pass read last: more of it comes from
+    L2 (H100, 2432 x 50304 bf16: 242 us against 278 us for the two kernels; from the first
+    block, or with fewer programs in flight, 253-340 us)."""
+    rows, row_mask, target, active, bad = _rows(tl.program_id(0), target_ptr, n_rows, n_cols,
+                                                ignore_index, BLOCK_M)
+    x_rows = logits_ptr + rows.to(tl.int64) * row_stride
+    lse = _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, lse_ptr,
+                loss_ptr, BLOCK_M, BLOCK_V, SMOOTH)
+    _grad(x_rows, dlogits_ptr + rows.to(tl.int64) * dlogits_row_stride, rows, target, active,
+          bad, row_mask, lse, grad_ptr, grad_stride, n_cols, label_smoothing, BLOCK_V, SMOOTH,
+          True)
 
 
 def _launch_params(n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -185,3 +249,28 @@ def cross_entropy_bwd(
         SMOOTH=label_smoothing > 0, num_warps=CONFIG["warps"],
     )
     return dlogits
+
+
+def cross_entropy_fwd_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross_entropy_fwd`` and ``cross_entropy_bwd`` in one pass over the rows, for a loss
+    gradient known before the forward (``grad`` as in cross_entropy_bwd: fp32, [N] or 0-d,
+    scaled by the reduction). Writes dlogits into ``out`` ([N, V], unit column stride,
+    logits' dtype; may be ``logits`` itself) and returns the per-row (lse, loss), fp32 [N]."""
+    n_rows, n_cols = logits.shape
+    lse = empty((n_rows,), torch.float32, logits.device)
+    loss = empty((n_rows,), torch.float32, logits.device)
+    block_m, block_v, grid = _launch_params(n_rows, n_cols)
+    cross_entropy_fwd_bwd_kernel[(grid,)](
+        logits, target, lse, loss, grad, out, n_rows, n_cols, logits.stride(0), out.stride(0),
+        grad.stride(0) if grad.dim() == 1 else 0, ignore_index, label_smoothing,
+        BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0,
+        num_warps=CONFIG["warps"],
+    )
+    return lse, loss

@@ -5,8 +5,8 @@ The rows of x go through in chunks (``CHUNK``: a chunk's logits stay within
 ``logits_bytes``). For each chunk of rows c:
 
     logits_c = x_c @ W^T                       kernels.matmul.gemm, in the compute dtype
-    lse_c, loss_c = CE forward                 kernels.cross_entropy, fp32 per row
-    dlogits_c = CE backward, over logits_c     in place (no second buffer)
+    lse_c, loss_c = CE forward                 kernels.cross_entropy, fp32 per row, and
+    dlogits_c = CE backward, over logits_c     in place (no second buffer), one kernel
     dX_c = dlogits_c @ W                       gemm (split-K when the tiles are few)
     dW += dlogits_c^T @ x_c                    gemm accumulating into an fp32 (V, d) buffer
                                                in its epilogue (no partial, no extra pass)
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
-from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
+from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd, cross_entropy_fwd_bwd
 from ..kernels.linear_cross_entropy import scale_cast
 from ..kernels.matmul import gemm
 from ..runtime import (
@@ -126,11 +126,12 @@ def _chunk(
     logits = gemm(x_c, wc.t(), x_c.dtype).c  # (rows, Vp)
     lv = logits[:, :n_classes]
     loss_c = None
-    if lse_c is None:
-        lse_c, loss_c = cross_entropy_fwd(lv, t_c, ignore_index, label_smoothing)
     if g is None:
-        return lse_c, loss_c
-    cross_entropy_bwd(lv, t_c, lse_c, g, ignore_index, label_smoothing, out=lv)
+        return cross_entropy_fwd(lv, t_c, ignore_index, label_smoothing)
+    if lse_c is None:  # loss and dlogits (in place) in one pass
+        lse_c, loss_c = cross_entropy_fwd_bwd(lv, t_c, g, ignore_index, label_smoothing, lv)
+    else:
+        cross_entropy_bwd(lv, t_c, lse_c, g, ignore_index, label_smoothing, out=lv)
     if dx_c is not None:  # padding columns hold 0 logits and meet 0 weight rows
         gemm(logits, wc, dx_c.dtype, out=dx_c)
     if dw is not None:
