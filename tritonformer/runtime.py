@@ -305,6 +305,8 @@ def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *
     """
     grid = (grid,) if isinstance(grid, int) else grid
     if INTERPRET:
+        if list(kernel.arg_names[len(args) :]) != list(constexprs):
+            raise ValueError(f"{kernel.__name__}: constexprs must be its last parameters")
         kernel[grid](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()

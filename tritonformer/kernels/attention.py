@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..runtime import INTERPRET, empty, is_hopper
+from ..runtime import INTERPRET, empty, is_hopper, launch
 
 LOG2E = 1.4426950408889634
 
@@ -640,14 +640,13 @@ def attention_fwd(
     cfg, _ = config_for(D, q.dtype, causal)
     BD = block_d(D)
     grid = (triton.cdiv(SQ, cfg.block_m), B * H)
-    attn_fwd_kernel[grid](
+    launch(attn_fwd_kernel, grid, (
         _desc(q, cfg.block_m, BD), _desc(k, cfg.block_n, BD), _desc(v, cfg.block_n, BD),
         _desc(out, cfg.block_m, BD), lse, slopes if slopes is not None else lse,
         H, SQ, SKV, scale * LOG2E,
-        BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ), dict(BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -669,10 +668,9 @@ def attention_bwd(
     slopes_arg = lse if slopes is None else slopes
 
     delta = empty((B, H, SQ), torch.float32, q.device)
-    attn_bwd_delta_kernel[(triton.cdiv(SQ, DELTA_BLOCK_M), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, SQ,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M,
-    )
+    launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
+           (out, do, delta, *_strides(out), *_strides(do), H, SQ),
+           dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
     dk = empty(k.shape, q.dtype, q.device)
     dv = empty(v.shape, q.dtype, q.device)
     desc_q = _desc(q, cfg.block_m, BD)
@@ -681,27 +679,25 @@ def attention_bwd(
     if cfg.dq_atomic:
         dq_acc = torch.zeros((B, H, SQ, D), dtype=torch.float32, device=q.device)
         desc_dq = _desc(dq_acc, cfg.block_m, BD) if tma_reduce else desc_q
-    attn_bwd_dkdv_kernel[(triton.cdiv(SKV, cfg.block_n), B * H)](
+    launch(attn_bwd_dkdv_kernel, (triton.cdiv(SKV, cfg.block_n), B * H), (
         desc_q, _desc(do, cfg.block_m, BD), _desc(k, cfg.block_n, BD), _desc(v, cfg.block_n, BD),
         _desc(dk, cfg.block_n, BD), _desc(dv, cfg.block_n, BD), desc_dq, dq_acc, lse, delta,
         slopes_arg, H, SQ, SKV, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, ALIBI=alibi, DQ_ATOMIC=cfg.dq_atomic, TMA_REDUCE=tma_reduce,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ), dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, ALIBI=alibi, DQ_ATOMIC=cfg.dq_atomic, TMA_REDUCE=tma_reduce,
+            DOT_PRECISION=precision),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dq = empty(q.shape, q.dtype, q.device)
     if cfg.dq_atomic:
         n_rows = B * H * SQ
-        attn_bwd_dq_convert_kernel[(triton.cdiv(n_rows, DELTA_BLOCK_M),)](
-            dq_acc, dq, n_rows, scale, HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M,
-        )
+        launch(attn_bwd_dq_convert_kernel, triton.cdiv(n_rows, DELTA_BLOCK_M),
+               (dq_acc, dq, n_rows, scale), dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
     else:
         bm, bn = cfg.dq_block_m, cfg.dq_block_n
-        attn_bwd_dq_kernel[(triton.cdiv(SQ, bm), B * H)](
+        launch(attn_bwd_dq_kernel, (triton.cdiv(SQ, bm), B * H), (
             _desc(q, bm, BD), _desc(do, bm, BD), _desc(k, bn, BD), _desc(v, bn, BD),
             _desc(dq, bm, BD), lse, delta, slopes_arg, H, SQ, SKV, scale * LOG2E, scale,
-            BLOCK_D=BD, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=precision,
-            num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages,
-        )
+        ), dict(BLOCK_D=BD, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+                CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=precision),
+            num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages)
     return dq, dk, dv

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, empty
+from ..runtime import INTERPRET, empty, launch
 
 # Launch parameters, one table for the family. Under the interpreter the vocabulary block is
 # small enough that V = 3000 takes two blocks (the loop runs) and tiles hold many rows.
@@ -215,11 +215,11 @@ def cross_entropy_fwd(
     lse = empty((n_rows,), torch.float32, logits.device)
     loss = empty((n_rows,), torch.float32, logits.device)
     block_m, block_v, grid = _launch_params(n_rows, n_cols)
-    cross_entropy_fwd_kernel[(grid,)](
-        logits, target, lse, loss, n_rows, n_cols, logits.stride(0), ignore_index,
-        label_smoothing, BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0,
-        num_warps=CONFIG["warps"],
-    )
+    launch(cross_entropy_fwd_kernel, grid,
+           (logits, target, lse, loss, n_rows, n_cols, logits.stride(0), ignore_index,
+            label_smoothing),
+           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0),
+           num_warps=CONFIG["warps"])
     return lse, loss
 
 
@@ -242,12 +242,12 @@ def cross_entropy_bwd(
     n_rows, n_cols = logits.shape
     dlogits = empty((n_rows, n_cols), logits.dtype, logits.device) if out is None else out
     block_m, block_v, grid = _launch_params(n_rows, n_cols)
-    cross_entropy_bwd_kernel[(grid,)](
-        logits, target, lse, grad, dlogits, n_rows, n_cols, logits.stride(0),
-        dlogits.stride(0), grad.stride(0) if grad.dim() == 1 else 0,
-        ignore_index, label_smoothing, BLOCK_M=block_m, BLOCK_V=block_v,
-        SMOOTH=label_smoothing > 0, num_warps=CONFIG["warps"],
-    )
+    launch(cross_entropy_bwd_kernel, grid,
+           (logits, target, lse, grad, dlogits, n_rows, n_cols, logits.stride(0),
+            dlogits.stride(0), grad.stride(0) if grad.dim() == 1 else 0, ignore_index,
+            label_smoothing),
+           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0),
+           num_warps=CONFIG["warps"])
     return dlogits
 
 
@@ -267,10 +267,10 @@ def cross_entropy_fwd_bwd(
     lse = empty((n_rows,), torch.float32, logits.device)
     loss = empty((n_rows,), torch.float32, logits.device)
     block_m, block_v, grid = _launch_params(n_rows, n_cols)
-    cross_entropy_fwd_bwd_kernel[(grid,)](
-        logits, target, lse, loss, grad, out, n_rows, n_cols, logits.stride(0), out.stride(0),
-        grad.stride(0) if grad.dim() == 1 else 0, ignore_index, label_smoothing,
-        BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0,
-        num_warps=CONFIG["warps"],
-    )
+    launch(cross_entropy_fwd_bwd_kernel, grid,
+           (logits, target, lse, loss, grad, out, n_rows, n_cols, logits.stride(0),
+            out.stride(0), grad.stride(0) if grad.dim() == 1 else 0, ignore_index,
+            label_smoothing),
+           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0),
+           num_warps=CONFIG["warps"])
     return lse, loss

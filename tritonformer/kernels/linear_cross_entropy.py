@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, cdiv, empty
+from ..runtime import INTERPRET, cdiv, empty, launch
 
 # Elements per program: large under the interpreter, which pays per program, not per element.
 BLOCK = 1 << 16 if INTERPRET else 4096
@@ -51,7 +51,6 @@ def scale_cast(
     if out is None:
         out = empty(a.shape, out_dtype or a.dtype, a.device)
     n = a.numel()
-    scale_cast_kernel[(cdiv(n, BLOCK),)](
-        a, scale, out, n, HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+    launch(scale_cast_kernel, cdiv(n, BLOCK), (a, scale, out, n),
+           dict(HAS_SCALE=scale is not None, BLOCK=BLOCK), num_warps=NUM_WARPS)
     return out
