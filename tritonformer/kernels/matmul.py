@@ -157,8 +157,11 @@ class GluonSchedule(NamedTuple):
 # tile step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32
 # weight's gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves
 # shared memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's
-# 0.82-1.0x on the d_model 768/1024 weight gradients), as do bias/activation epilogues,
-# accumulation into C, batched products and fp32 operands.
+# 0.82-1.0x on the d_model 768/1024 weight gradients), as do activation epilogues, a bias
+# on a schedule with split tiles, accumulation into C, batched products and fp32 operands.
+# A bias alone on whole tiles (the linear layers' forward without activation) is added in the
+# Gluon kernel's epilogue (the Triton kernel's "epilogue" entry ran d768 attn_out / proj
+# forwards at 0.71x / 0.79x of cuBLAS's F.linear on the H100, docs/perf/matmul.md v8).
 GLUON_TILINGS = (
     GluonTiling(2, 256, 0, 3, speed=1.0),  # first: the tiling of large products
     GluonTiling(3, 128, 0, 4, speed=1.03),
@@ -673,9 +676,14 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     op_class = operand_class(b.dtype)
     epilogue = has_bias or act != "none" or save_dact
     if (use_tma and auto_tma and config is None and out_dtype != torch.float32
-            and not (INTERPRET or batched or epilogue or accumulate) and op_class == "16bit"):
+            and not (INTERPRET or batched or act != "none" or save_dact or accumulate)
+            and op_class == "16bit"):
         sms = num_sms(device_index(a))
-        return _gluon_plan(m, n, k, layouts, gluon_tiling(m, n, k, sms), sms)
+        schedule = gluon_tiling(m, n, k, sms)
+        t = schedule.tiling
+        whole = schedule.dp_tiles == cdiv(m, 64 * t.consumers) * cdiv(n, t.block_n + t.tail_n)
+        if whole or not has_bias:  # a bias is added to whole tiles only
+            return _gluon_plan(m, n, k, layouts, schedule, sms, has_bias)
     # accumulate reads C in the epilogue: the "epilogue" configs leave shared memory for it
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")
@@ -729,8 +737,9 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
 
 
 def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
-                sms: int) -> _Plan:
-    """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``.
+                sms: int, has_bias: bool = False) -> _Plan:
+    """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``
+    (with a bias: whole tiles only).
     The split tiles' K pieces go to an fp32 workspace, one (rows, columns) block per piece
     covering those tiles, which ``reduce_splits_kernel`` sums (in a fixed order:
     deterministic) into C from the first split tile on."""
@@ -765,7 +774,8 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
     group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
     constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
-                      HAS_SK=split_tiles > 0, GROUP_M=group_m, NUM_SMS=programs)
+                      HAS_SK=split_tiles > 0, HAS_BIAS=has_bias, GROUP_M=group_m,
+                      NUM_SMS=programs)
     gluon_args = (units, dp, splits, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
     reduce = _reduce_launch(1, m, n, ws_rows, splits, origin, False) if split_tiles else ()
     grid = (programs, 1)
@@ -866,7 +876,8 @@ def gemm(
                  for (shape, strides, block, is_c), tail in zip(outs, tails, strict=True)]
         (cd, ctd), (wd, wtd) = descs[0], descs[-1]
         args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
-                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, m, n, *plan.gluon_args)
+                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, bias, m, n,
+                *plan.gluon_args)
         launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
     elif plan.tma:

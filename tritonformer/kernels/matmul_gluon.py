@@ -1,8 +1,9 @@
 """Warp-specialised persistent GEMM for Hopper (sm_90) in Gluon, 16-bit operands.
 
-C = A @ B for 2-D operands TMA can read (either may be given through its transposed
-storage), in C's dtype. No bias or activation: this kernel runs the plain products with a
-16-bit C, the weight gradients above all (``matmul.gluon_tiling`` picks the schedule,
+C = A @ B (+ bias) for 2-D operands TMA can read (either may be given through its transposed
+storage), in C's dtype. No activation: this kernel runs the plain products with a 16-bit C,
+the weight gradients above all, and the forward of a linear layer with a bias and no
+activation when its tiles are whole (``matmul.gluon_tiling`` picks the schedule,
 ``matmul.gemm`` launches it).
 
 Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
@@ -105,6 +106,14 @@ def _stage_store(acc, acc_t, desc, desc_t, smem, smem_t, row, col, BN: gl.conste
 
 
 @gluon.jit
+def _add_bias(acc, bias_ptr, col0, N, WIDTH: gl.constexpr, layout: gl.constexpr):
+    """acc (ROWS x WIDTH, fp32, in ``layout``) plus bias[col0 : col0 + WIDTH] per column."""
+    cols = col0 + gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+    return acc + gl.expand_dims(bias, 0)
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N, units,
               dp_tiles, sk_splits, sk_steps, k_steps, A_T: gl.constexpr, B_T: gl.constexpr,
               BN: gl.constexpr, TAIL_N: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -133,16 +142,17 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
 
 
 @gluon.jit
-def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
-              c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
-              sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T: gl.constexpr,
+def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+              bt_smem, c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles,
+              sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T: gl.constexpr,
               B_T: gl.constexpr,
               BN: gl.constexpr, TAIL_N: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
+              CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr,
+              NUM_SMS: gl.constexpr):
     """Consumer warpgroup W: rows W * ROWS.. of every unit's tile, accumulated in registers
-    (the tail columns in a second accumulator); a whole tile is stored to C, a K split's
-    partial sums to (split * ws_rows + row - tail_row0, column - tail_col0) of the fp32
-    workspace."""
+    (the tail columns in a second accumulator); a whole tile is stored to C (plus the bias,
+    in fp32, with HAS_BIAS), a K split's partial sums to (split * ws_rows + row - tail_row0,
+    column - tail_col0) of the fp32 workspace."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
     if TAIL_N > 0:
@@ -188,6 +198,10 @@ def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem,
                          split * ws_rows + om - tail_row0 + W * ROWS, on - tail_col0, BN,
                          TAIL_N)
         else:
+            if HAS_BIAS:
+                acc = _add_bias(acc, bias_ptr, on, N, BN, acc_layout)
+                if TAIL_N > 0:
+                    acc_t = _add_bias(acc_t, bias_ptr, on + BN, N, TAIL_N, tail_layout)
             _stage_store(acc, acc_t, c_desc, ct_desc, c_smem, ct_smem, om + W * ROWS, on, BN,
                          TAIL_N)
     tma.store_wait(0)
@@ -204,6 +218,7 @@ def gemm_gluon_kernel(
              # [ROWS, BN];
              # else c_desc again
     wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
+    bias_ptr,  # HAS_BIAS: (N,) 16-bit, added in fp32 to every whole tile; else None
     M, N,
     units,  # dp_tiles + (tiles - dp_tiles) * sk_splits
     dp_tiles,  # the first tiles, each one unit over all of K
@@ -218,6 +233,7 @@ def gemm_gluon_kernel(
     BK: gl.constexpr, STAGES: gl.constexpr,
     CONSUMERS: gl.constexpr,  # 2 or 3 consumer warpgroups, ROWS rows of the tile each
     HAS_DP: gl.constexpr, HAS_SK: gl.constexpr,  # dp_tiles > 0, dp_tiles < tiles
+    HAS_BIAS: gl.constexpr,  # (whole tiles only: no split tiles with a bias)
     GROUP_M: gl.constexpr,
     NUM_SMS: gl.constexpr,  # programs launched; each walks every NUM_SMS-th unit
 ):
@@ -262,37 +278,42 @@ def gemm_gluon_kernel(
     # tuple built by concatenation would turn the constexprs into tensors)
     if CONSUMERS == 2:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+                          bt_smem,
                           c_smem.index(0), ct_smem.index(0), w_smem.index(0),
                           wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
                           sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+                          bt_smem,
                           c_smem.index(1), ct_smem.index(1), w_smem.index(1),
                           wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
                           sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
+                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+                          bt_smem,
                           c_smem.index(0), ct_smem.index(0), w_smem.index(0),
                           wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
                           sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+                          bt_smem,
                           c_smem.index(1), ct_smem.index(1), w_smem.index(1),
                           wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
                           sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
-             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, a_smem, b_smem, bt_smem,
+                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
+             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
+                          bt_smem,
                           c_smem.index(2), ct_smem.index(2), w_smem.index(2),
                           wt_smem.index(2), ready, empty, M, N, units, dp_tiles, sk_splits,
                           sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, GROUP_M, NUM_SMS)),
+                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
