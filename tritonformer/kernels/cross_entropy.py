@@ -217,15 +217,8 @@ def cross_entropy_bwd(
     dlogits, [N, V] with unit column stride, logits' dtype; may be ``logits`` itself (in
     place). Default: a new contiguous tensor. Returns ``out``.
     """
-    n_rows, n_cols = logits.shape
-    dlogits = empty((n_rows, n_cols), logits.dtype, logits.device) if out is None else out
-    block_m, block_v, grid = _launch_params(n_rows, n_cols)
-    launch(cross_entropy_bwd_kernel, grid,
-           (logits, target, lse, None, grad, dlogits, n_rows, n_cols, logits.stride(0),
-            dlogits.stride(0), grad.stride(0) if grad.dim() == 1 else 0, ignore_index,
-            label_smoothing),
-           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0, FORWARD=False),
-           num_warps=CONFIG["warps"])
+    dlogits = empty(logits.shape, logits.dtype, logits.device) if out is None else out
+    _bwd_launch(logits, target, lse, None, grad, dlogits, ignore_index, label_smoothing)
     return dlogits
 
 
@@ -241,14 +234,21 @@ def cross_entropy_fwd_bwd(
     gradient known before the forward (``grad`` as in cross_entropy_bwd: fp32, [N] or 0-d,
     scaled by the reduction). Writes dlogits into ``out`` ([N, V], unit column stride,
     logits' dtype; may be ``logits`` itself) and returns the per-row (lse, loss), fp32 [N]."""
+    lse = empty(logits.shape[:1], torch.float32, logits.device)
+    loss = empty(logits.shape[:1], torch.float32, logits.device)
+    _bwd_launch(logits, target, lse, loss, grad, out, ignore_index, label_smoothing)
+    return lse, loss
+
+
+def _bwd_launch(logits, target, lse, loss, grad, dlogits, ignore_index, label_smoothing):
+    """cross_entropy_bwd_kernel over every row; with ``loss`` (not None) the forward first
+    (FORWARD), writing lse and loss."""
     n_rows, n_cols = logits.shape
-    lse = empty((n_rows,), torch.float32, logits.device)
-    loss = empty((n_rows,), torch.float32, logits.device)
     block_m, block_v, grid = _launch_params(n_rows, n_cols)
     launch(cross_entropy_bwd_kernel, grid,
-           (logits, target, lse, loss, grad, out, n_rows, n_cols, logits.stride(0),
-            out.stride(0), grad.stride(0) if grad.dim() == 1 else 0, ignore_index,
+           (logits, target, lse, loss, grad, dlogits, n_rows, n_cols, logits.stride(0),
+            dlogits.stride(0), grad.stride(0) if grad.dim() == 1 else 0, ignore_index,
             label_smoothing),
-           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0, FORWARD=True),
+           dict(BLOCK_M=block_m, BLOCK_V=block_v, SMOOTH=label_smoothing > 0,
+                FORWARD=loss is not None),
            num_warps=CONFIG["warps"])
-    return lse, loss
