@@ -126,7 +126,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = h.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         qkv = self.ops.linear(h, self.c_attn.weight, self.c_attn.bias)
-        q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D), strided
+        # each (B, H, T, D), a strided view: the backward stacks their gradients straight
+        # into qkv's (B, T, 3, H, D) layout (no second copy to reshape them)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, H, D).unbind(2))
         if cache is not None:
             k, v = cache.append(k, v)
         y = self.ops.attention(q, k, v, causal=True, alibi_slopes=slopes)

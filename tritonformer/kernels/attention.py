@@ -597,6 +597,14 @@ def _desc(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
     return d
 
 
+def heads_interleaved(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty (B, H, S, D) tensor laid out as (B, S, H, D) in memory (its transpose(1, 2) is
+    contiguous), the layout of a projection's output: the attention's output and the key and
+    value gradients reshape to or from (B, S, H * D) without a copy."""
+    B, H, S, D = shape
+    return empty((B, S, H, D), dtype, device).transpose(1, 2)
+
+
 def _alibi_mode(slopes: torch.Tensor | None, causal: bool, dtype: torch.dtype) -> int:
     """ALIBI constexpr: 0 none, 2 folded (causal, 16-bit), 1 exact (see the module doc)."""
     if slopes is None:
@@ -625,7 +633,8 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, H, Sq, D), k, v (B, H, Skv, D), slopes fp32 (H,) or None.
 
-    Returns (out contiguous (B, H, Sq, D) in q's dtype, lse fp32 contiguous (B, H, Sq)).
+    Returns (out (B, H, Sq, D) in q's dtype laid out as (B, Sq, H, D) (``heads_interleaved``),
+    lse fp32 contiguous (B, H, Sq)).
     """
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
@@ -635,7 +644,7 @@ def attention_fwd(
         from .attention_gluon import attention_fwd_gluon
 
         return attention_fwd_gluon(q, k, v, causal, scale, slopes, *tiling)
-    out = empty(q.shape, q.dtype, q.device)
+    out = heads_interleaved(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
     cfg, _ = config_for(D, q.dtype, causal)
     BD = block_d(D)
@@ -657,7 +666,8 @@ def attention_bwd(
     """Launch the backward: delta, then dK/dV (and dQ by atomics) or dK/dV then dQ.
 
     do, out (B, H, Sq, D); q (B, H, Sq, D); k, v (B, H, Skv, D); lse fp32 contiguous (B, H, Sq).
-    Returns contiguous (dq, dk, dv) in q's dtype.
+    Returns (dq, dk, dv) in q's dtype: dq contiguous, dk and dv laid out as (B, Skv, H, D)
+    (``heads_interleaved``).
     """
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
@@ -671,8 +681,8 @@ def attention_bwd(
     launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
            (out, do, delta, *_strides(out), *_strides(do), H, SQ),
            dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
-    dk = empty(k.shape, q.dtype, q.device)
-    dv = empty(v.shape, q.dtype, q.device)
+    dk = heads_interleaved(k.shape, q.dtype, q.device)
+    dv = heads_interleaved(v.shape, q.dtype, q.device)
     desc_q = _desc(q, cfg.block_m, BD)
     dq_acc, desc_dq = lse, desc_q  # placeholders unless the dK/dV kernel accumulates dQ
     tma_reduce = not INTERPRET  # the interpreter has no TMA reduce: atomics on pointers

@@ -52,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..runtime import device_index, empty, launch, num_sms
-from .attention import LOG2E, _strides
+from .attention import LOG2E, _strides, heads_interleaved
 
 ROWS = gl.constexpr(64)  # query rows per warpgroup
 LOG2E_ = gl.constexpr(LOG2E)  # LOG2E inside the kernels (jit globals must be constexprs)
@@ -557,8 +557,8 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
     (H,), causal only (folded ALiBi). block_m, block_n, k_stages, v_stages: the tiling
     (``attention.gluon_tiling``).
 
-    Returns (out contiguous (B, H, Sq, D) in q's dtype, lse fp32 contiguous (B, H, Sq)), like
-    ``attention_fwd``.
+    Returns (out (B, H, Sq, D) in q's dtype laid out as (B, Sq, H, D), lse fp32 contiguous
+    (B, H, Sq)), like ``attention_fwd``.
     """
     if slopes is not None and not causal:
         raise ValueError("the Gluon forward takes ALiBi with the causal mask only")
@@ -567,7 +567,7 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
                          f"got {block_m}")
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
-    out = empty(q.shape, q.dtype, q.device)
+    out = heads_interleaved(q.shape, q.dtype, q.device)
     lse = empty((B, H, SQ), torch.float32, q.device)
     args = (_gluon_desc(q, ROWS.value), _gluon_desc(k, block_n), _gluon_desc(v, block_n),
             _gluon_desc(out, ROWS.value), lse, slopes if slopes is not None else lse, H, SQ, SKV,

@@ -83,9 +83,10 @@ def attention(
         scale: positive softmax scale; default 1 / sqrt(D).
 
     Returns:
-        (B, H, Sq, D), contiguous, in the inputs' (or autocast) dtype. Differentiable in q, k
-        and v (gradients in their dtypes). fp32 runs IEEE fp32 dots unless
-        ``torch.backends.cuda.matmul.allow_tf32``.
+        (B, H, Sq, D) in the inputs' (or autocast) dtype, laid out as (B, Sq, H, D) in memory
+        (as torch's flash SDPA returns it: ``out.transpose(1, 2).reshape(B, Sq, H * D)`` is
+        a view). Differentiable in q, k and v (gradients in their dtypes). fp32 runs IEEE
+        fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4)
