@@ -91,12 +91,6 @@ def _like(t: Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> 
     return t.new_empty(shape, dtype=dtype or t.dtype)
 
 
-def _interleaved(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """(B, H, S, D) laid out as (B, S, H, D), as ``attention.heads_interleaved`` makes it."""
-    B, H, S, D = shape
-    return t.new_empty((B, S, H, D)).transpose(1, 2)
-
-
 def _none(t: Tensor) -> Tensor:
     """The placeholder for an output not asked for (custom ops cannot return None)."""
     return t.new_empty((0,))
@@ -174,7 +168,7 @@ def _attention_bwd(
 _same_schema(
     attention.attention_fwd,
     lambda q, k, v, slopes, causal, scale, allow_tf32: (
-        _interleaved(q, q.shape),
+        attention.heads_interleaved(q.shape, q.dtype, q.device),
         _like(q, q.shape[:3], torch.float32),
     ),
     impl=_attention_fwd,
@@ -183,8 +177,8 @@ _same_schema(
     attention.attention_bwd,
     lambda do, q, k, v, out, lse, slopes, causal, scale, allow_tf32: (
         _like(q, q.shape),
-        _interleaved(q, k.shape),
-        _interleaved(q, v.shape),
+        attention.heads_interleaved(k.shape, q.dtype, q.device),
+        attention.heads_interleaved(v.shape, q.dtype, q.device),
     ),
     impl=_attention_bwd,
 )

@@ -288,6 +288,13 @@ def _direct_launch(compiled) -> Callable | None:
     return direct
 
 
+def _check_constexprs(kernel, args: tuple, constexprs: dict) -> None:
+    """The constexprs must be the kernel's last parameters, in order (``launch`` passes them
+    positionally after args when it calls a compiled kernel itself)."""
+    if list(kernel.arg_names[len(args) :]) != list(constexprs):
+        raise ValueError(f"{kernel.__name__}: constexprs must be its last parameters")
+
+
 def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *,
            key: object = None, **options) -> None:
     """``kernel[grid](*args, **constexprs, **options)``, dispatched through Triton once per
@@ -305,8 +312,7 @@ def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *
     """
     grid = (grid,) if isinstance(grid, int) else grid
     if INTERPRET:
-        if list(kernel.arg_names[len(args) :]) != list(constexprs):
-            raise ValueError(f"{kernel.__name__}: constexprs must be its last parameters")
+        _check_constexprs(kernel, args, constexprs)
         kernel[grid](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()
@@ -317,8 +323,7 @@ def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *
     entry = _compiled_kernels.get(key)
     if entry is None or entry[2].calls:
         compiled = kernel[grid](*args, **constexprs, **options)
-        if list(kernel.arg_names[len(args) :]) != list(constexprs):
-            raise ValueError(f"{kernel.__name__}: constexprs must be its last parameters")
+        _check_constexprs(kernel, args, constexprs)
         from triton import knobs
         from triton.runtime import driver
 
