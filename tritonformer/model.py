@@ -153,7 +153,9 @@ class Block(nn.Module):
 
     It takes the residual stream x and h = ln_1(x), and returns the new stream and the next
     LayerNorm of it (``next_ln``: the next block's ln_1 or the final ln_f), so each residual
-    add is fused with the LayerNorm that follows it.
+    add is fused with the LayerNorm that follows it. Under autocast every LayerNorm output is
+    written in the autocast dtype (torch's layer_norm returns fp32 there, which the linear
+    layer that reads it would cast): no cast pass, and its gradient comes back in that dtype.
     """
 
     def __init__(self, cfg: TransformerConfig, ops_: ModuleType) -> None:
@@ -166,7 +168,8 @@ class Block(nn.Module):
 
     def _add_norm(self, x: torch.Tensor, r: torch.Tensor, ln: nn.LayerNorm):
         r = self.ops.dropout(r, self.cfg.dropout, self.training)
-        return self.ops.add_layer_norm(x, r, ln.weight, ln.bias, ln.eps)
+        return self.ops.add_layer_norm(x, r, ln.weight, ln.bias, ln.eps,
+                                       out_dtype=runtime.autocast_dtype())
 
     def forward(self, x, h, next_ln: nn.LayerNorm, slopes=None, cache: KVCache | None = None):
         x, h = self._add_norm(x, self.attn(h, slopes, cache), self.ln_2)
@@ -281,7 +284,7 @@ class Transformer(nn.Module):
         blocks = self.transformer.h
         x = self._embed(idx, offset)
         ln = blocks[0].ln_1
-        h = self.ops.layer_norm(x, ln.weight, ln.bias, ln.eps)
+        h = self.ops.layer_norm(x, ln.weight, ln.bias, ln.eps, out_dtype=runtime.autocast_dtype())
         for i, block in enumerate(blocks):
             next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
             cache = caches[i] if caches else None

@@ -41,9 +41,13 @@ def layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias."""
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias, cast to
+    ``out_dtype`` when given."""
+    y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_layer_norm(
@@ -52,10 +56,12 @@ def add_layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-LN residual step: returns (s, layer_norm(s)) with s = x + residual."""
     s = x + residual
-    return s, layer_norm(s, weight, bias, eps)
+    return s, layer_norm(s, weight, bias, eps, out_dtype=out_dtype)
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
