@@ -1,20 +1,26 @@
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (
+    ALL_DTYPES,
     DEVICE,
     assert_close,
     f64,
     gpu,
     randn,
+    rel_err,
     requires_gpu,
     requires_grad_copy,
+    roundoff,
 )
 from tritonformer import ops, reference
-from tritonformer.runtime import DEVICE_TYPE
+from tritonformer.kernels import attention as ka
+from tritonformer.runtime import DEVICE_TYPE, INTERPRET
 
 
 def torch_attention(q, k, v, causal, slopes, scale):
@@ -349,3 +355,244 @@ def test_attention_deterministic_gpu():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_packed: q, k, v packed in a qkv projection's (B, S, 3, H, D) output
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack(qkv):
+    """The (B, H, S, D) q, k, v views of qkv (B, S, 3, H, D)."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+def dq_exact(d, dtype, causal):
+    """Whether dQ comes out bitwise the same from two runs: not when the dK/dV kernel sums it
+    by TMA reduce-adds (compiled, ``dq_atomic``), whose order varies."""
+    return INTERPRET or not ka.config_for(d, dtype, causal)[1].dq_atomic
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(on) inside, off after (wrap only our ops in it:
+    PyTorch's own SDPA may refuse to run backward on CUDA under it)."""
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def check_attention_packed(b, s, h, d, dtype, causal, alibi, deterministic=False):
+    """attention_packed against the float64 reference (output and each of dq, dk, dv in the
+    packed gradient), and against attention on qkv's unbound views: the same kernels on the
+    same data, so bitwise equal, but for a dQ summed in a varying order (to its roundoff).
+    ``deterministic``: both run under torch.use_deterministic_algorithms."""
+    qkv = randn(b, s, 3, h, d, dtype=dtype, requires_grad=True)
+    qkv_u = requires_grad_copy(qkv)
+    slopes = ops.alibi_slopes(h) if alibi else None
+    dout = randn(b, s, h, d, dtype=dtype)
+    with deterministic_algorithms(deterministic):
+        out = ops.attention_packed(qkv, causal=causal, alibi_slopes=slopes)
+        out.backward(dout)
+        out_u = ops.attention(*unpack(qkv_u), causal=causal, alibi_slopes=slopes).transpose(1, 2)
+        out_u.backward(dout)
+        exact = dq_exact(d, dtype, causal)
+
+    qkv64 = f64(qkv)
+    out64 = reference.attention_packed(qkv64, causal, slopes.double().cpu() if alibi else None)
+    out64.backward(f64(dout))
+
+    qkv_t = requires_grad_copy(qkv)
+    out_t = torch_attention(*unpack(qkv_t), causal, slopes, None).transpose(1, 2)
+    out_t.backward(dout)
+
+    case = f"B{b} S{s} H{h} D{d} {dtype} causal={causal} alibi={alibi}"
+    assert out.shape == (b, s, h, d) and out.dtype == dtype and out.is_contiguous(), case
+    assert qkv.grad.shape == qkv.shape and qkv.grad.dtype == dtype, case
+    assert_close(out, out64, out_t, f"{case} out")
+    # S = 1: one key per query, so dq = dk = 0 exactly; ours are rounding noise (do.v - do.o
+    # with o = v), measured absolutely (the reference's norm is 0) against 64 roundoffs.
+    for i, name in enumerate("qkv"):
+        min_tol = 64 * roundoff(dtype) if s == 1 and name != "v" else 0.0
+        assert_close(qkv.grad[:, :, i], qkv64.grad[:, :, i], qkv_t.grad[:, :, i],
+                     f"{case} d{name}", min_tol=min_tol)
+    assert torch.equal(out, out_u), f"{case}: packed and unpacked outputs differ"
+    for i, name in enumerate("qkv"):
+        g, g_u = qkv.grad[:, :, i], qkv_u.grad[:, :, i]
+        if name != "q" or exact:
+            assert torch.equal(g, g_u), f"{case}: packed and unpacked d{name} differ"
+        else:
+            assert rel_err(g, g_u) <= roundoff(dtype), f"{case}: packed vs unpacked dq"
+
+
+# fp16 at D <= 64 sums dQ by reduce-adds (then the conversion kernel writes it into the packed
+# gradient); fp32 and D 80 run the dQ kernel (a descriptor store); see ka.CONFIGS.
+PACKED_CASES = [
+    # b, s, h, d, dtype, causal, alibi
+    (1, 1, 2, 16, torch.float32, True, False),
+    (2, 37, 3, 16, torch.float32, True, True),
+    (1, 37, 2, 80, torch.float32, False, True),
+    (2, 37, 3, 64, torch.float16, True, True),
+    (1, 1, 2, 48, torch.float16, True, True),
+    (1, 37, 2, 16, torch.float16, False, True),
+    (1, 65, 2, 80, torch.float16, True, False),
+]
+
+
+@pytest.mark.parametrize("b,s,h,d,dtype,causal,alibi", PACKED_CASES)
+def test_attention_packed(b, s, h, d, dtype, causal, alibi):
+    check_attention_packed(b, s, h, d, dtype, causal, alibi)
+
+
+def test_attention_packed_deterministic():
+    """Under torch.use_deterministic_algorithms the 16-bit dQ at D 64 comes from the dQ kernel
+    instead of the reduce-adds."""
+    check_attention_packed(2, 37, 3, 64, torch.float16, True, True, deterministic=True)
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops that run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_packed_gradient_is_one_tensor():
+    """The gradient of a qkv projection's output comes back as one contiguous (B, S, 3, H, D)
+    tensor written by the kernels, with no stacking copy in the backward (attention on the
+    unbound views pays one: the check can see it)."""
+    b, s, h, d = 2, 37, 2, 16
+    x = randn(b, s, 3 * h * d, requires_grad=True)
+    seen = []
+    for fn in (ops.attention_packed, lambda t: ops.attention(*unpack(t)).transpose(1, 2)):
+        qkv = x.view(b, s, 3, h, d)
+        qkv.register_hook(lambda g: seen.append(g))
+        out = fn(qkv)
+        with _AtenOps() as recorded:
+            out.backward(randn(*out.shape))
+        seen.append(recorded.names)
+    (grad, packed_ops), (_, unpacked_ops) = seen[:2], seen[2:]
+    assert grad.shape == (b, s, 3, h, d) and grad.is_contiguous()
+    assert not packed_ops & {"aten.stack", "aten.cat"}, sorted(packed_ops)
+    assert "aten.stack" in unpacked_ops, sorted(unpacked_ops)
+
+
+def test_attention_packed_layouts():
+    """qkv with padded rows (a slice of a wider projection) is read in place, a D-major one
+    is copied first: the same output and gradient as from a contiguous qkv."""
+    b, s, h, d = 1, 37, 2, 16
+    base = randn(b, s, 3, h, d)
+    dout = randn(b, s, h, d)
+    wide = torch.cat([base.view(b, s, -1), randn(b, s, 8)], -1).requires_grad_()
+    d_major = base.transpose(-1, -2).contiguous().requires_grad_()
+    leaves = [base.clone().requires_grad_(), wide, d_major]
+    views = [leaves[0], wide[..., : 3 * h * d].view(b, s, 3, h, d), d_major.transpose(-1, -2)]
+    assert views[1].stride(1) == 3 * h * d + 8 and views[2].stride(-1) != 1
+    outs = []
+    for qkv in views:
+        outs.append(ops.attention_packed(qkv, alibi_slopes=ops.alibi_slopes(h)))
+        outs[-1].backward(dout)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    want = leaves[0].grad
+    assert torch.equal(wide.grad[..., : 3 * h * d].view(want.shape), want)
+    assert torch.equal(wide.grad[..., 3 * h * d :], torch.zeros(b, s, 8, device=DEVICE))
+    assert torch.equal(d_major.grad.transpose(-1, -2), want)
+
+
+def test_attention_packed_autocast():
+    """Under autocast an fp32 qkv runs in the autocast dtype; its gradient comes back fp32."""
+    qkv = randn(1, 33, 3, 2, 32, requires_grad=True)
+    with torch.autocast(DEVICE_TYPE, dtype=torch.float16):
+        out = ops.attention_packed(qkv)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, ops.attention_packed(qkv.detach().half()), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert qkv.grad.dtype == torch.float32 and qkv.grad.shape == qkv.shape
+
+
+def test_attention_packed_bad_input():
+    qkv = randn(1, 8, 3, 2, 16)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        ops.attention_packed(qkv.tolist())
+    with pytest.raises(ValueError, match="qkv must have 5 dimensions"):
+        ops.attention_packed(qkv.view(1, 8, 96))
+    for shape in ((1, 8, 2, 2, 16), (1, 8, 6, 1, 16), (1, 3, 8, 2, 16)):
+        with pytest.raises(ValueError, match=r"qkv must have shape \(B, S, 3, H, D\)"):
+            ops.attention_packed(randn(*shape))
+    for d in (12, 264):
+        with pytest.raises(ValueError, match=r"head dim \(qkv.shape\[-1\]\)"):
+            ops.attention_packed(randn(1, 8, 3, 2, d))
+    with pytest.raises(TypeError, match="qkv must have dtype"):
+        ops.attention_packed(qkv.double())
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        ops.attention_packed(qkv, causal=1)
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention_packed(qkv, scale=0.0)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(H,\) = \(2,\)"):
+        ops.attention_packed(qkv, alibi_slopes=ops.alibi_slopes(3))
+    with pytest.raises(TypeError, match="alibi_slopes must have dtype"):
+        ops.attention_packed(qkv, alibi_slopes=ops.alibi_slopes(2).half())
+
+
+def check_bwd_into_views(b, h, s, d, dtype, deterministic) -> bool:
+    """attention_bwd writing into the caller's (dq, dk, dv): (B, H, S, D) views of rows padded
+    past D, heads interleaved. They get the gradients it allocates itself, and nothing else
+    of their buffer is written. Returns whether dQ took the reduce-adds path."""
+    q, k, v, do = (randn(b, h, s, d, dtype=dtype) for _ in range(4))
+    slopes, scale = ops.alibi_slopes(h), d**-0.5
+    buf = torch.full((3, b, s, h, d + 8), 7.0, dtype=dtype, device=DEVICE)
+    grads = tuple(t[..., :d].transpose(1, 2) for t in buf)
+    with deterministic_algorithms(deterministic):
+        atomic = ka.config_for(d, dtype, True)[1].dq_atomic
+        out, lse = ka.attention_fwd(q, k, v, slopes, True, scale, False)
+        want = ka.attention_bwd(do, q, k, v, out, lse, slopes, True, scale, False)
+        got = ka.attention_bwd(do, q, k, v, out, lse, slopes, True, scale, False, grads=grads)
+    assert all(g is t for g, t in zip(got, grads, strict=True))
+    assert torch.all(buf[..., d:] == 7.0), "wrote past D"
+    for name, g, w in zip("qkv", got, want, strict=True):
+        if name != "q" or not atomic or INTERPRET:
+            assert torch.equal(g, w), f"d{name}"
+        else:
+            assert rel_err(g, w) <= roundoff(dtype), f"d{name}: {rel_err(g, w):.2e}"
+    return atomic
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_attention_bwd_into_strided_views(deterministic):
+    """Both dQ paths: reduce-adds then the conversion kernel (fp16, D <= 64), and the dQ
+    kernel (under torch.use_deterministic_algorithms)."""
+    assert check_bwd_into_views(2, 3, 37, 48, torch.float16, deterministic) != deterministic
+
+
+# GPU tier: GPT-2's attention (H 12, S 1024) at D 64 (16-bit dQ by reduce-adds) and D 128
+# (the dQ kernel), every dtype; odd lengths and the full mask.
+PACKED_GPU_CASES = [
+    (2, 1024, 12, d, dtype, True, alibi)
+    for d in (64, 128) for dtype in ALL_DTYPES for alibi in (False, True)
+] + [
+    (2, 1000, 5, 64, torch.bfloat16, False, True),
+    (1, 777, 4, 128, torch.float16, False, False),
+]  # fmt: skip
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("b,s,h,d,dtype,causal,alibi", PACKED_GPU_CASES)
+def test_attention_packed_gpu(b, s, h, d, dtype, causal, alibi):
+    check_attention_packed(b, s, h, d, dtype, causal, alibi)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_bwd_into_strided_views_gpu(d, deterministic):
+    check_bwd_into_views(2, 12, 1024, d, torch.bfloat16, deterministic)

@@ -142,6 +142,9 @@ OP_CASES = [
      lambda: [randn(1, 5, 2, 16, requires_grad=True), randn(1, 2, 9, 16, requires_grad=True),
               randn(1, 2, 9, 16, requires_grad=True)],
      {"attention_fwd", "attention_bwd"}),
+    ("attention_packed_alibi_padded_rows", lambda x: ops.attention_packed(
+        x[..., :96].view(2, 9, 3, 2, 16), causal=True, alibi_slopes=ops.alibi_slopes(2)),
+     lambda: [randn(2, 9, 104, requires_grad=True)], {"attention_fwd", "attention_bwd_packed"}),
     ("linear_cross_entropy_mean", lambda x, w, t: ops.linear_cross_entropy(x, w, t),
      lambda: [randn(2, 9, 32, requires_grad=True), randn(70, 32, requires_grad=True),
               _targets((2, 9), 70)],
@@ -209,6 +212,8 @@ def _opcheck_cases():
                           False),
         "attention_bwd": (r(1, 2, 9, 16), r(1, 2, 9, 16), r(1, 2, 11, 16), r(1, 2, 11, 16),
                           r(1, 2, 9, 16), r(1, 2, 9), None, True, 0.25, False),
+        "attention_bwd_packed": (r(2, 2, 9, 16), r(2, 9, 3, 2, 16), r(2, 2, 9, 16), r(2, 2, 9),
+                                 torch.ones(2, device=DEVICE) / 4, False, 0.25, False),
         "layer_norm_fwd": (r(6, 65), r(6, 65), r(65), None, 1e-5, torch.float16,
                            torch.float32, [2, 3, 65]),
         "layer_norm_bwd": (r(6, 65), r(65), r(6, 65), None, r(6), r(6).abs() + 1,
@@ -273,7 +278,7 @@ def test_tiny_model_aot_eager_fullgraph():
         "gemm",
         "dz_and_dbias",
         "attention_fwd",
-        "attention_bwd",
+        "attention_bwd_packed",
         "layer_norm_fwd",
         "layer_norm_bwd",
         "cross_entropy_fwd_bwd",  # the model's loss: the fused LM head, "mean"

@@ -173,14 +173,49 @@ _same_schema(
     ),
     impl=_attention_fwd,
 )
-_same_schema(
+
+
+# attention_bwd's grads= (three views written in place, aliasing one buffer) has no schema
+# here: the packed attention's backward is its own op, attention_bwd_packed, below.
+def _attention_bwd_traced(do, q, k, v, out, lse, slopes, causal, scale, allow_tf32, grads=None):
+    if grads is not None:
+        raise ValueError(
+            "attention_bwd's grads= (in-place gradients) cannot be used under torch.compile: "
+            "use attention_bwd_packed"
+        )
+    return _op("attention_bwd")(do, q, k, v, out, lse, slopes, causal, scale, allow_tf32)
+
+
+_register(
     attention.attention_bwd,
+    _attention_bwd,
     lambda do, q, k, v, out, lse, slopes, causal, scale, allow_tf32: (
         _like(q, q.shape),
         attention.heads_interleaved(k.shape, q.dtype, q.device),
         attention.heads_interleaved(v.shape, q.dtype, q.device),
     ),
-    impl=_attention_bwd,
+    _attention_bwd_traced,
+)
+
+
+def _attention_bwd_packed(
+    do: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    slopes: Tensor | None,
+    causal: bool,
+    scale: float,
+    allow_tf32: bool,
+) -> Tensor:
+    do, qkv = _aligned(do), _aligned(qkv)
+    return attention.attention_bwd_packed(do, qkv, out, lse, slopes, causal, scale, allow_tf32)
+
+
+_same_schema(
+    attention.attention_bwd_packed,
+    lambda do, qkv, out, lse, slopes, causal, scale, allow_tf32: _like(qkv, qkv.shape),
+    impl=_attention_bwd_packed,
 )
 
 

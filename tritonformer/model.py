@@ -125,14 +125,15 @@ class CausalSelfAttention(nn.Module):
         """h (B, T, d_model) -> (B, T, d_model); with a cache, T new tokens after its contents."""
         B, T, C = h.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        qkv = self.ops.linear(h, self.c_attn.weight, self.c_attn.bias)
-        # each (B, H, T, D), a strided view: the backward stacks their gradients straight
-        # into qkv's (B, T, 3, H, D) layout (no second copy to reshape them)
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, H, D).unbind(2))
-        if cache is not None:
+        qkv = self.ops.linear(h, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, H, D)
+        if cache is None:
+            # the backward writes dq, dk, dv straight into one (B, T, 3, H, D) gradient
+            y = self.ops.attention_packed(qkv, causal=True, alibi_slopes=slopes)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, D) views
             k, v = cache.append(k, v)
-        y = self.ops.attention(q, k, v, causal=True, alibi_slopes=slopes)
-        y = y.transpose(1, 2).reshape(B, T, C)
+            y = self.ops.attention(q, k, v, causal=True, alibi_slopes=slopes).transpose(1, 2)
+        y = y.reshape(B, T, C)  # a view of the Triton ops' (B, T, H, D) output
         return self.ops.linear(y, self.c_proj.weight, self.c_proj.bias)
 
 

@@ -153,6 +153,18 @@ def attention(
     return out.nan_to_num(0.0) if causal and sq > skv else out
 
 
+def attention_packed(
+    qkv: torch.Tensor,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``attention`` of the q, k, v packed along dim 2 of qkv (B, S, 3, H, D) (a qkv
+    projection's output): returns (B, S, H, D)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return attention(q, k, v, causal, alibi_slopes, scale).transpose(1, 2)
+
+
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,

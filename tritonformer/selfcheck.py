@@ -58,6 +58,12 @@ def _cases(dev: torch.device) -> list[tuple[str, Callable, Callable, list[torch.
             lambda q, k, v: reference.attention(q, k, v, True, ops.alibi_slopes(2).double().cpu()),
             [torch.randn(1, 2, 37, 32, device=dev) for _ in range(3)],
         ),
+        (
+            "attention_packed",
+            lambda qkv: ops.attention_packed(qkv, alibi_slopes=ops.alibi_slopes(2)),
+            lambda qkv: reference.attention_packed(qkv, True, ops.alibi_slopes(2).double().cpu()),
+            [torch.randn(1, 37, 3, 2, 32, device=dev)],
+        ),
     ]
 
 

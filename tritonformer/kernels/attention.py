@@ -561,19 +561,25 @@ def attn_bwd_dq_kernel(
 
 @triton.jit
 def attn_bwd_dq_convert_kernel(
-    DQ_ACC,  # fp32 dS K accumulator, contiguous (B * H * SQ, HEAD_DIM)
-    DQ,  # query gradient (written), contiguous, same shape, Q's dtype
-    n_rows,  # B * H * SQ
+    DQ_ACC,  # fp32 dS K accumulator, contiguous (B, H, SQ, HEAD_DIM)
+    DQ,  # query gradient (written), (B, H, SQ, HEAD_DIM), strides stride_dq*, Q's dtype
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, SQ,
     scale,  # softmax scale
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """DQ = scale * DQ_ACC in DQ's dtype. Grid (cdiv(n_rows, BLOCK_M),)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """DQ = scale * DQ_ACC in DQ's dtype and layout. Grid (cdiv(SQ, BLOCK_M), B * H)."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    offs = rows[:, None] * HEAD_DIM + cols[None, :]
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    dq = tl.load(DQ_ACC + offs, mask=mask) * scale
-    tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=mask)
+    mask = (rows[:, None] < SQ) & (cols[None, :] < HEAD_DIM)
+    r64 = rows.to(tl.int64)[:, None]
+    dq = tl.load(DQ_ACC + (off_bh.to(tl.int64) * SQ + r64) * HEAD_DIM + cols[None, :],
+                 mask=mask) * scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + r64 * stride_dqm
+             + cols[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,11 +668,15 @@ def attention_fwd(
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, slopes: torch.Tensor | None, causal: bool, scale: float, allow_tf32: bool,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: delta, then dK/dV (and dQ by atomics) or dK/dV then dQ.
 
     do, out (B, H, Sq, D); q (B, H, Sq, D); k, v (B, H, Skv, D); lse fp32 contiguous (B, H, Sq).
-    Returns (dq, dk, dv) in q's dtype: dq contiguous, dk and dv laid out as (B, Skv, H, D)
+    grads: None, or (dq, dk, dv) to write in place: q's, k's and v's shapes, q's dtype, any
+    strides a descriptor takes (last 1, others 16-byte multiples, 16-byte-aligned data), e.g.
+    the views ``attention_bwd_packed`` gives. Returns (dq, dk, dv) in q's dtype: ``grads``,
+    else new tensors, dq contiguous, dk and dv laid out as (B, Skv, H, D)
     (``heads_interleaved``).
     """
     B, H, SQ, D = q.shape
@@ -681,8 +691,10 @@ def attention_bwd(
     launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
            (out, do, delta, *_strides(out), *_strides(do), H, SQ),
            dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
-    dk = heads_interleaved(k.shape, q.dtype, q.device)
-    dv = heads_interleaved(v.shape, q.dtype, q.device)
+    if grads is None:
+        grads = (empty(q.shape, q.dtype, q.device), heads_interleaved(k.shape, q.dtype, q.device),
+                 heads_interleaved(v.shape, q.dtype, q.device))  # fmt: skip
+    dq, dk, dv = grads
     desc_q = _desc(q, cfg.block_m, BD)
     dq_acc, desc_dq = lse, desc_q  # placeholders unless the dK/dV kernel accumulates dQ
     tma_reduce = not INTERPRET  # the interpreter has no TMA reduce: atomics on pointers
@@ -697,11 +709,10 @@ def attention_bwd(
             CAUSAL=causal, ALIBI=alibi, DQ_ATOMIC=cfg.dq_atomic, TMA_REDUCE=tma_reduce,
             DOT_PRECISION=precision),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    dq = empty(q.shape, q.dtype, q.device)
     if cfg.dq_atomic:
-        n_rows = B * H * SQ
-        launch(attn_bwd_dq_convert_kernel, triton.cdiv(n_rows, DELTA_BLOCK_M),
-               (dq_acc, dq, n_rows, scale), dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
+        launch(attn_bwd_dq_convert_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
+               (dq_acc, dq, *dq.stride(), H, SQ, scale),
+               dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
     else:
         bm, bn = cfg.dq_block_m, cfg.dq_block_n
         launch(attn_bwd_dq_kernel, (triton.cdiv(SQ, bm), B * H), (
@@ -711,3 +722,22 @@ def attention_bwd(
                 CAUSAL=causal, ALIBI=alibi, DOT_PRECISION=precision),
             num_warps=cfg.dq_num_warps, num_stages=cfg.dq_num_stages)
     return dq, dk, dv
+
+
+def attention_bwd_packed(
+    do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    slopes: torch.Tensor | None, causal: bool, scale: float, allow_tf32: bool,
+) -> torch.Tensor:
+    """The backward of attention over q, k, v packed in qkv (B, S, 3, H, D) (q, k, v its
+    ``unbind(2)`` transposed to (B, H, S, D); strides as ``attention_bwd`` takes them).
+
+    do, out (B, H, S, D); lse fp32 contiguous (B, H, S). Returns dqkv, a contiguous
+    (B, S, 3, H, D) tensor in qkv's dtype: the three gradients written straight into their
+    slots (no stacking copy; viewed as (B, S, 3 * H * D), it is the gradient of the qkv
+    projection's output).
+    """
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    attention_bwd(do, q, k, v, out, lse, slopes, causal, scale, allow_tf32,
+                  grads=tuple(t.transpose(1, 2) for t in dqkv.unbind(2)))
+    return dqkv

@@ -1,4 +1,8 @@
-"""Flash attention (causal or full, ALiBi, KV-cache shapes): autograd Function, functional API."""
+"""Flash attention (causal or full, ALiBi, KV-cache shapes): autograd Functions, functional API.
+
+``attention`` takes q, k, v; ``attention_packed`` takes them packed in the (B, S, 3, H, D)
+output of a qkv projection and gives its gradient back as one tensor of that shape.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import numbers
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
-from ..kernels.attention import attention_bwd, attention_fwd
+from ..kernels.attention import attention_bwd, attention_bwd_packed, attention_fwd
 from ..runtime import (
     DEVICE_TYPE,
     autocast_dtype,
@@ -55,6 +59,64 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv = attention_bwd(_descriptor_ready(dout), q, k, v, out, lse, slopes,
                                    ctx.causal, ctx.scale, ctx.allow_tf32)
         return dq, dk, dv, None, None, None
+
+
+class AttentionPackedFunction(torch.autograd.Function):
+    @staticmethod
+    @custom_fwd(device_type=DEVICE_TYPE)
+    def forward(ctx, qkv, slopes, causal: bool, scale: float) -> torch.Tensor:
+        qkv = _descriptor_ready(qkv)  # then so are its q, k, v views
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        allow_tf32 = fp32_uses_tf32()
+        out, lse = attention_fwd(q, k, v, slopes, causal, scale, allow_tf32)
+        ctx.save_for_backward(qkv, out, lse, slopes)
+        ctx.causal, ctx.scale, ctx.allow_tf32 = causal, scale, allow_tf32
+        return out.transpose(1, 2)
+
+    @staticmethod
+    @custom_bwd(device_type=DEVICE_TYPE)
+    def backward(ctx, dout: torch.Tensor):
+        qkv, out, lse, slopes = ctx.saved_tensors
+        dqkv = attention_bwd_packed(_descriptor_ready(dout.transpose(1, 2)), qkv, out, lse,
+                                    slopes, ctx.causal, ctx.scale, ctx.allow_tf32)
+        return dqkv, None, None, None
+
+
+def _check_options(
+    x: torch.Tensor,
+    name: str,
+    n_heads: int,
+    causal: bool,
+    alibi_slopes: torch.Tensor | None,
+    scale: float | None,
+) -> tuple[torch.Tensor | None, float]:
+    """The checks ``attention`` and ``attention_packed`` share: the head dim (x's last dim,
+    x called ``name`` in errors), causal, scale and the slopes of the n_heads heads. Returns
+    (slopes ready for the kernels or None, scale as a float)."""
+    d = x.shape[-1]
+    if d % HEAD_DIM_MULTIPLE or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim ({name}.shape[-1]) must be a multiple of {HEAD_DIM_MULTIPLE} in "
+            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and positive, got {scale}")
+    if alibi_slopes is not None:
+        check_tensor(alibi_slopes, "alibi_slopes", ndim=1, dtypes=(torch.float32,))
+        check_same_device(**{name: x, "alibi_slopes": alibi_slopes})
+        if alibi_slopes.shape[0] != n_heads:
+            raise ValueError(
+                f"alibi_slopes must have shape (H,) = ({n_heads},), "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
+        alibi_slopes = alibi_slopes.detach().contiguous()
+    return alibi_slopes, float(scale)
 
 
 def attention(
@@ -104,32 +166,46 @@ def attention(
             f"q and k must have the same batch and heads (B, H), got {tuple(q.shape[:2])} and "
             f"{tuple(k.shape[:2])}"
         )
-    d = q.shape[3]
-    if k.shape[3] != d:
-        raise ValueError(f"q and k must have the same head dim, got {d} and {k.shape[3]}")
-    if d % HEAD_DIM_MULTIPLE or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
+    slopes, scale = _check_options(q, "q", q.shape[1], causal, alibi_slopes, scale)
+    return AttentionFunction.apply(q, k, v, slopes, causal, scale)
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Self-attention over queries, keys and values packed in one tensor, as a qkv
+    projection's output holds them: ``attention(q, k, v, ...).transpose(1, 2)`` for
+    ``q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))``, with a gradient that comes
+    back as one tensor of qkv's shape (the three written straight into it, no stacking copy).
+
+    Args:
+        qkv: (B, S, 3, H, D): q, k, v along dim 2, e.g. ``linear(x, w_qkv).view(B, S, 3, H, D)``
+            for w_qkv (3 * H * D, d_model). fp32, fp16 or bf16 (under torch.autocast cast to
+            the autocast dtype). Any strides: one whose last stride is not 1, or whose other
+            strides or data pointer are not 16-byte aligned, is copied first. D: a multiple
+            of 8 from 8 to 256. S: any length >= 1.
+        causal, alibi_slopes, scale: as for ``attention`` (Sq = Skv = S).
+
+    Returns:
+        (B, S, H, D) contiguous (``.reshape(B, S, H * D)`` is a view), in qkv's (or the
+        autocast) dtype. Differentiable in qkv: its gradient is a contiguous (B, S, 3, H, D)
+        tensor in qkv's dtype.
+    """
+    check_tensor(qkv, "qkv", ndim=5)
+    if qkv.shape[2] != 3:
         raise ValueError(
-            f"head dim (q.shape[-1]) must be a multiple of {HEAD_DIM_MULTIPLE} in "
-            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}"
+            f"qkv must have shape (B, S, 3, H, D) (q, k, v along dim 2), got {tuple(qkv.shape)}"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and positive, got {scale}")
-    if alibi_slopes is not None:
-        check_tensor(alibi_slopes, "alibi_slopes", ndim=1, dtypes=(torch.float32,))
-        check_same_device(q=q, alibi_slopes=alibi_slopes)
-        if alibi_slopes.shape[0] != q.shape[1]:
-            raise ValueError(
-                f"alibi_slopes must have shape (H,) = ({q.shape[1]},), "
-                f"got {tuple(alibi_slopes.shape)}"
-            )
-        alibi_slopes = alibi_slopes.detach().contiguous()
-    return AttentionFunction.apply(q, k, v, alibi_slopes, causal, float(scale))
+    cast = autocast_dtype()
+    if cast is not None:
+        qkv = qkv.to(cast)
+    slopes, scale = _check_options(qkv, "qkv", qkv.shape[3], causal, alibi_slopes, scale)
+    return AttentionPackedFunction.apply(qkv, slopes, causal, scale)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
