@@ -39,7 +39,7 @@ def C(bm, bn, bk, st, w, **kw) -> GemmConfig:
 
 
 # Problem: (name, table key, make() -> dict of gemm arguments + "torch" baseline fn + checks).
-def linear_fwd(t, d_in, d_out, act=None, dact=False):
+def linear_fwd(t, d_in, d_out, act=None, save_z=False):
     def make():
         x, w, bias = rn(t, d_in), rn(d_out, d_in, scale=d_in**-0.5), rn(d_out)
         f = torch.nn.functional
@@ -49,7 +49,7 @@ def linear_fwd(t, d_in, d_out, act=None, dact=False):
                 return f.linear(x, w)
             return f.gelu(f.linear(x, w, bias), approximate="tanh")
         return dict(a=x, b=w.t(), bias=None if act is None else bias, activation_name=act,
-                    save_dact=dact, torch=ref, flops=2.0 * t * d_in * d_out)
+                    save_z=save_z, torch=ref, flops=2.0 * t * d_in * d_out)
     return make
 
 
@@ -86,7 +86,7 @@ PROBLEMS: list[tuple[str, tuple[str, str], Callable[[], dict]]] = [
     ("dW proj d768", ("16bit", "plain"), dw(T, 3072, 768)),
     ("dW attn d1024", ("16bit", "plain"), dw(T, 1024, 1024)),
     ("dW attn d2048", ("16bit", "plain"), dw(T, 2048, 2048)),
-    ("fwd fc+gelu+dact", ("16bit", "epilogue"), linear_fwd(T, 768, 3072, "gelu_tanh", True)),
+    ("fwd fc+gelu+z", ("16bit", "epilogue"), linear_fwd(T, 768, 3072, "gelu_tanh", True)),
     ("fwd fc+gelu", ("16bit", "epilogue"), linear_fwd(T, 768, 3072, "gelu_tanh")),
     ("tf32 square 4096", ("tf32", "plain"), square(4096, torch.float32)),
 ]
@@ -127,7 +127,7 @@ def cfg_label(c: GemmConfig) -> str:
 
 def call(p: dict, cfg: GemmConfig | None, use_tma: bool | None) -> km.GemmResult:
     return km.gemm(p["a"], p["b"], p["b"].dtype, bias=p.get("bias"),
-                   activation_name=p.get("activation_name"), save_dact=p.get("save_dact", False),
+                   activation_name=p.get("activation_name"), save_z=p.get("save_z", False),
                    config=cfg, use_tma=use_tma)
 
 
@@ -213,7 +213,7 @@ def choose(res: dict) -> None:
 def report_kernels() -> None:
     """Resources of every compiled GEMM kernel: shared memory, registers, spills, and whether
     the PTX has wgmma (Hopper tensor cores) and TMA copies."""
-    keys = ["A_T", "B_T", "A_MUL", "DZ_OUT", "DBIAS", "ACTIVATION", "SAVE_DACT", "SPLIT_K",
+    keys = ["A_T", "B_T", "ACTIVATION", "SAVE_Z", "SPLIT_K",
             "ROUND_TF32", "BM", "BN", "BK", "EPI_SPLIT"]
     print("\nkernel: constexprs | stages warps | smem KB regs spills | wgmma tma-ops")
     for fn in (km.gemm_tma_kernel, km.gemm_kernel):

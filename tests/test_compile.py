@@ -222,7 +222,7 @@ def _opcheck_cases():
         "gemm_batched": (r(2, 1, 33, 5).transpose(-1, -2).expand(2, 3, 5, 33)[:, None],
                          wide.expand(2, 3, 33, 17)[:, None], torch.float16, None, None, False,
                          None),
-        "dz_and_dbias": (r(7, 17), r(7, 17), True, torch.float32),
+        "dz_and_dbias": (r(7, 17), r(7, 17), "gelu_tanh", True, torch.float32),
     }  # fmt: skip
 
 

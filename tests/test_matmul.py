@@ -189,7 +189,7 @@ def test_autocast():
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, True), (True, False)])
 def test_gemm_kernels_epilogue_split(use_tma, ta, tb):
     """Both kernels directly (the TMA one runs in the interpreter too): the bias + activation
-    + act' epilogue, and forced split-K with its fp32 workspace reduction."""
+    epilogue that also stores Z, and forced split-K with its fp32 workspace reduction."""
     if use_tma and ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA kernel needs sm_90")
     m, k, n = 72, 136, 40
@@ -198,18 +198,15 @@ def test_gemm_kernels_epilogue_split(use_tma, ta, tb):
     b = randn(n, k, dtype=h).t() if tb else randn(k, n, dtype=h)
     bias = randn(n, dtype=h)
     z = a.double() @ b.double() + bias.double()
-    zz = z.clone().requires_grad_(True)
-    y = reference.gelu_tanh(zz)
-    y.sum().backward()
-    r = km.gemm(a, b, torch.float32, bias=bias, activation_name="gelu_tanh", save_dact=True,
+    r = km.gemm(a, b, torch.float32, bias=bias, activation_name="gelu_tanh", save_z=True,
                 use_tma=use_tma)
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r.c.double(), y.detach(), **tol)
-    torch.testing.assert_close(r.dact.double(), zz.grad, **tol)
+    torch.testing.assert_close(r.c.double(), reference.gelu_tanh(z), **tol)
+    torch.testing.assert_close(r.z.double(), z, **tol)
     cfg = km.GemmConfig(32, 32, 32, 1, 4, split_k=3)
     for out_dtype in (torch.float32, torch.float16):
         r = km.gemm(a, b, out_dtype, config=cfg, use_tma=use_tma)
-        assert r.c.dtype == out_dtype and r.dact is None
+        assert r.c.dtype == out_dtype and r.z is None
         tol = dict(rtol=2e-3, atol=2e-2) if out_dtype == torch.float16 else tol
         torch.testing.assert_close(r.c.double(), a.double() @ b.double(), **tol)
     for split in (1, 3):  # C += A @ B into a given fp32 output, through the epilogue or reduce
@@ -223,22 +220,31 @@ def test_gemm_kernels_epilogue_split(use_tma, ta, tb):
 
 @pytest.mark.parametrize("m,n", [(1, 7), (600, 40), (300, 520)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_dz_and_dbias(m, n, transposed):
-    """The linear backward's elementwise pass: dZ = dY * G and the column sums of dZ, over
-    several row ranges (whose fp32 partial sums a second launch adds) and column blocks."""
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
+def test_dz_and_dbias(m, n, transposed, act):
+    """The linear backward's elementwise pass: dZ = dY * act'(Z) and the column sums of dZ,
+    over several row ranges (whose fp32 partial sums a second launch adds) and column
+    blocks; without an activation, dbias = the column sums of dY."""
     h = torch.float16
     dy = randn(n, m, dtype=h).t() if transposed else randn(m, n, dtype=h)
-    g = randn(m, n, dtype=h)
-    prod = dy.double() * g.double()
-    dz, db = km.dz_and_dbias(dy, g, True, torch.float32)
-    torch.testing.assert_close(dz, prod.half(), rtol=0, atol=0)
-    assert_close(db, prod.sum(0), (dy.float() * g.float()).sum(0), "dbias")
-    dz, db = km.dz_and_dbias(dy, g, True, None)
+    z = randn(m, n, dtype=h)
+    f = getattr(reference, act)
+
+    def dz_of(zt, dyt):  # dY * act'(Z) by autograd through the reference
+        return torch.autograd.functional.vjp(f, zt, dyt)[1]
+
+    want, base = dz_of(z.double(), dy.double()), dz_of(z.float(), dy.float())
+    dz, db = km.dz_and_dbias(dy, z, act, True, torch.float32)
+    assert_close(dz, want, base.half(), "dZ")
+    assert_close(db, want.sum(0), base.sum(0), "dbias")
+    dz, db = km.dz_and_dbias(dy, z, act, True, None)
     assert db is None
-    torch.testing.assert_close(dz, prod.half(), rtol=0, atol=0)
-    dz, db = km.dz_and_dbias(dy, None, False, h)
+    assert_close(dz, want, base.half(), "dZ without dbias")
+    dz, db = km.dz_and_dbias(dy, None, None, False, h)
     assert dz is None and db.dtype == h
-    assert_close(db, dy.double().sum(0), dy.sum(0), "dbias without G")
+    assert_close(db, dy.double().sum(0), dy.sum(0), "dbias without activation")
+    with pytest.raises(ValueError, match="needs z"):
+        km.dz_and_dbias(dy, None, act, True, None)
 
 
 def test_linear_matmul_through_tma_kernel(monkeypatch):
@@ -274,6 +280,13 @@ def test_gluon_tiling_choice():
         assert t.smem(2) <= km.GLUON_SMEM  # every tiling fits a 16-bit C
     for m, n in ((16384, 768), (50304, 768)):  # forward, LM head dW: 384, 1179 tiles whole
         assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(t256, m // 128 * 3, 1)
+    # for a bias or an activation, whole tiles only
+    for (m, n), want in expect.items():
+        schedule = km.gluon_tiling(m, n, 16384, 132, whole=True)
+        if want[1] == -(-m // (64 * want[0].consumers)) * -(-n // want[0].block_n):
+            assert schedule == km.GluonSchedule(*want), (m, n)
+        else:
+            assert schedule.sk_splits == 1 and schedule.dp_tiles > 0, (m, n)
 
 
 def test_split_k_choice():
@@ -407,7 +420,7 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
                 if t.smem(staged) > km.GLUON_SMEM or (staged == 6 and dp == 0):
                     continue
                 schedule = km.GluonSchedule(t, dp, split, cols)
-                monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule: s)
+                monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule, **__: s)
                 km._PLANS.clear()
                 c = km.gemm(a, b, dtype).c
                 assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
@@ -422,6 +435,15 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
                 kernel = list(km._PLANS.values())[-1].kernel
                 assert kernel is (km.gemm_gluon_kernel if dp == tiles else km.gemm_tma_kernel)
                 assert_close(c, ref + bias.double(), torch.addmm(bias, a, b), name + " bias")
+                if dp == tiles and tb and not ta:  # bias and GELU in the epilogue, Z
+                    # stored too (a linear forward's layout; each variant compiles anew)
+                    c, d = km.gemm(a, b, dtype, bias=bias, activation_name="gelu_tanh",
+                                   save_z=True)
+                    assert list(km._PLANS.values())[-1].kernel is km.gemm_gluon_kernel
+                    z, zb = ref + bias.double(), torch.addmm(bias, a, b)
+                    assert_close(c, reference.gelu_tanh(z), reference.gelu_tanh(zb),
+                                 name + " gelu")
+                    assert_close(d, z, zb, name + " z")
     km._PLANS.clear()
 
 
@@ -473,18 +495,14 @@ def test_both_kernels_gpu(dtype):
     for use_tma in [False] + [True] * tma:
         for act, bias in [(None, None), ("gelu_tanh", randn(1024, dtype=dtype))]:
             c, d = km.gemm(a, b, dtype, bias=bias, activation_name=act,
-                           save_dact=act is not None, use_tma=use_tma)
+                           save_z=act is not None, use_tma=use_tma)
             if act is None:
                 assert_close(c, ref, base, f"gemm tma={use_tma}")
             else:
                 z = ref + bias.double()
                 assert_close(c, reference.gelu_tanh(z), reference.gelu_tanh(base + bias),
                              f"gemm+gelu tma={use_tma}")
-                zb = base + bias
-                assert_close(d, torch.autograd.functional.vjp(
-                    reference.gelu_tanh, z, torch.ones_like(z))[1],
-                    torch.autograd.functional.vjp(reference.gelu_tanh, zb, torch.ones_like(zb))[1],
-                    f"gemm act' tma={use_tma}")
+                assert_close(d, z, base + bias, f"gemm z tma={use_tma}")
 
 
 @gpu

@@ -373,17 +373,17 @@ def _gemm(
     out_dtype: torch.dtype,
     bias: Tensor | None,
     activation_name: str | None,
-    save_dact: bool,
+    save_z: bool,
     use_tma: bool | None,
 ) -> tuple[Tensor, Tensor]:
     c, d = matmul.gemm(a, b, out_dtype, bias=bias, activation_name=activation_name,
-                       save_dact=save_dact, use_tma=use_tma)  # fmt: skip
+                       save_z=save_z, use_tma=use_tma)  # fmt: skip
     return c, _none(a) if d is None else d
 
 
-def _gemm_fake(a, b, out_dtype, bias, activation_name, save_dact, use_tma):
+def _gemm_fake(a, b, out_dtype, bias, activation_name, save_z, use_tma):
     shape = (*a.shape[:2], a.shape[-2], b.shape[-1]) if a.dim() == 5 else (a.shape[0], b.shape[1])
-    return _like(a, shape, out_dtype), _like(a, shape, out_dtype) if save_dact else _none(a)
+    return _like(a, shape, out_dtype), _like(a, shape, out_dtype) if save_z else _none(a)
 
 
 @torch.library.custom_op("tritonformer::gemm_out", mutates_args=("out",), tags=_TAGS)
@@ -396,38 +396,39 @@ def _gemm_out(a: Tensor, b: Tensor, out_dtype: torch.dtype, out: Tensor, accumul
 _gemm_out.register_fake(lambda *args: None)
 
 
-def _gemm_traced(a, b, out_dtype, *, bias=None, activation_name=None, save_dact=False,
+def _gemm_traced(a, b, out_dtype, *, bias=None, activation_name=None, save_z=False,
                  out=None, accumulate=False, config=None, use_tma=None):  # fmt: skip
     if config is not None:
         raise ValueError("gemm's config (a tuning override) cannot be used under torch.compile")
     if out is not None:
-        if bias is not None or activation_name is not None or save_dact:
+        if bias is not None or activation_name is not None or save_z:
             raise ValueError("gemm's out= takes plain products only under torch.compile")
         _op("gemm_out")(a, b, out_dtype, out, accumulate, use_tma)
         return matmul.GemmResult(out, None)
-    c, d = _op("gemm")(a, b, out_dtype, bias, activation_name, save_dact, use_tma)
-    return matmul.GemmResult(c, _present(d, save_dact))
+    c, d = _op("gemm")(a, b, out_dtype, bias, activation_name, save_z, use_tma)
+    return matmul.GemmResult(c, _present(d, save_z))
 
 
 _register(matmul.gemm, _gemm, _gemm_fake, _gemm_traced)
 
 
 def _dz_and_dbias(
-    dy: Tensor, g: Tensor | None, dz: bool, dbias_dtype: torch.dtype | None
+    dy: Tensor, z: Tensor | None, activation_name: str | None, dz: bool,
+    dbias_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
-    dz_out, db = matmul.dz_and_dbias(dy, g, dz, dbias_dtype)
+    dz_out, db = matmul.dz_and_dbias(dy, z, activation_name, dz, dbias_dtype)
     return _none(dy) if dz_out is None else dz_out, _none(dy) if db is None else db
 
 
-def _dz_and_dbias_fake(dy, g, dz, dbias_dtype):
+def _dz_and_dbias_fake(dy, z, activation_name, dz, dbias_dtype):
     return (
         _like(dy, dy.shape) if dz else _none(dy),
         _none(dy) if dbias_dtype is None else _like(dy, dy.shape[1:], dbias_dtype),
     )
 
 
-def _dz_and_dbias_traced(dy, g, dz, dbias_dtype):
-    dz_out, db = _op("dz_and_dbias")(dy, g, dz, dbias_dtype)
+def _dz_and_dbias_traced(dy, z, activation_name, dz, dbias_dtype):
+    dz_out, db = _op("dz_and_dbias")(dy, z, activation_name, dz, dbias_dtype)
     return _present(dz_out, dz), _present(db, dbias_dtype is not None)
 
 

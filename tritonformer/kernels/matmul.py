@@ -157,11 +157,12 @@ class GluonSchedule(NamedTuple):
 # tile step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32
 # weight's gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves
 # shared memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's
-# 0.82-1.0x on the d_model 768/1024 weight gradients), as do activation epilogues, a bias
-# on a schedule with split tiles, accumulation into C, batched products and fp32 operands.
-# A bias alone on whole tiles (the linear layers' forward without activation) is added in the
-# Gluon kernel's epilogue (the Triton kernel's "epilogue" entry ran d768 attn_out / proj
-# forwards at 0.71x / 0.79x of cuBLAS's F.linear on the H100, docs/perf/matmul.md v8).
+# 0.82-1.0x on the d_model 768/1024 weight gradients), as do a bias or an activation on a
+# schedule with split tiles, accumulation into C, batched products and fp32 operands. A bias
+# and an activation (and its derivative D, staged in C's buffers after C's previous store)
+# are applied in the Gluon kernel's epilogue, on schedules of whole tiles (the Triton
+# kernel's "epilogue" entry ran d768 attn_out / proj forwards at 0.71x / 0.79x of cuBLAS's
+# F.linear on the H100, docs/perf/matmul.md v8).
 GLUON_TILINGS = (
     GluonTiling(2, 256, 0, 3, speed=1.0),  # first: the tiling of large products
     GluonTiling(3, 128, 0, 4, speed=1.03),
@@ -190,7 +191,7 @@ REDUCE_BLOCK = 1 << 16 if INTERPRET else 2048
 
 class GemmResult(NamedTuple):
     c: torch.Tensor  # (M, N), or (O0, O1, M, N) for batched operands
-    dact: torch.Tensor | None  # activation'(Z), like c
+    z: torch.Tensor | None  # Z = A @ B + bias, the activation's input (save_z), like c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,17 +232,12 @@ def _accumulate(acc, a, b, one, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              SAVE_DACT: tl.constexpr):
-    """fp32 tile -> (activation(z), activation'(z) if SAVE_DACT) with z = acc + bias[offs_n]."""
+def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """fp32 tile -> (activation(z), z) with z = acc + bias[offs_n]."""
     z = acc
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y = activation(z, ACTIVATION)
-    dact = y
-    if SAVE_DACT:
-        dact = activation_grad(z, 1.0, ACTIVATION)
-    return y, dact
+    return activation(z, ACTIVATION), z
 
 
 @triton.jit
@@ -252,14 +248,13 @@ def _halves(x, BM: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _tma_store_slice(acc, c_desc, d_desc, bias_ptr, row, on, N,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_DACT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr,
                      ACCUMULATE: tl.constexpr, REDUCE_ADD: tl.constexpr, BN_SLICE: tl.constexpr):
-    y, dact = _epilogue(acc, bias_ptr, on + tl.arange(0, BN_SLICE), N, HAS_BIAS, ACTIVATION,
-                        SAVE_DACT)
+    y, z = _epilogue(acc, bias_ptr, on + tl.arange(0, BN_SLICE), N, HAS_BIAS, ACTIVATION)
     if ACCUMULATE:  # C += A @ B (plain GEMMs only: no bias or activation)
         y += c_desc.load([row, on]).to(tl.float32)
-    if SAVE_DACT:
-        d_desc.store([row, on], dact.to(d_desc.dtype))
+    if SAVE_Z:
+        d_desc.store([row, on], z.to(d_desc.dtype))
     if REDUCE_ADD:  # a split's partial sum, added in L2 (fp32 C)
         c_desc.atomic_add([row, on], y)
     else:
@@ -278,13 +273,13 @@ def gemm_tma_kernel(
     c_desc,  # C (M, N); with SPLIT_K > 1 the fp32 workspace (SPLIT_K * ws_rows, N), or with
              # REDUCE_ADD an fp32 (M, N) sum the splits are added into;
              # block [BM, BN // EPI_SPLIT]
-    d_desc,  # D = activation'(Z) (M, N), block like c_desc (SAVE_DACT), else None
+    d_desc,  # D = Z (M, N), the activation's input, block like c_desc (SAVE_Z), else None
     bias_ptr,  # bias (N,) (HAS_BIAS)
     M, N, K,  # problem size
     steps_per_split,  # BK steps of K per split (all splits equal; TMA zero-fills past K)
     ws_rows,  # workspace rows per split (M rounded up to BM); 0 without one
     A_T: tl.constexpr, B_T: tl.constexpr,  # operand given through its transposed storage
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_DACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # C += the product (SPLIT_K == 1; plain GEMMs)
     SPLIT_K: tl.constexpr,
     REDUCE_ADD: tl.constexpr,  # splits reduce-add into c_desc (TMA, in L2; order varies)
@@ -328,25 +323,25 @@ def gemm_tma_kernel(
         on = pid_n * BN
         if EPI_SPLIT == 1:
             _tma_store_slice(acc, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN)
         elif EPI_SPLIT == 2:
             acc0, acc1 = _halves(acc, BM, BN)
             _tma_store_slice(acc0, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 2)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 2)
             _tma_store_slice(acc1, c_desc, d_desc, bias_ptr, row, on + BN // 2, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 2)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 2)
         else:
             acc0, acc1 = _halves(acc, BM, BN)
             acc00, acc01 = _halves(acc0, BM, BN // 2)
             acc10, acc11 = _halves(acc1, BM, BN // 2)
             _tma_store_slice(acc00, c_desc, d_desc, bias_ptr, row, on, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc01, c_desc, d_desc, bias_ptr, row, on + BN // 4, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc10, c_desc, d_desc, bias_ptr, row, on + BN // 2, N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 4)
             _tma_store_slice(acc11, c_desc, d_desc, bias_ptr, row, on + 3 * (BN // 4), N,
-                             HAS_BIAS, ACTIVATION, SAVE_DACT, ACCUMULATE, REDUCE_ADD, BN // 4)
+                             HAS_BIAS, ACTIVATION, SAVE_Z, ACCUMULATE, REDUCE_ADD, BN // 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +354,7 @@ def gemm_kernel(
     a_ptr,  # A (O0, O1, R, M, K), any strides (0 for broadcast dims); cast to B's dtype
     b_ptr,  # B (O0, O1, R, K, N), any strides
     c_ptr,  # C (O0, O1, M, N); with SPLIT_K > 1 the fp32 workspace (SPLIT_K, O0, O1, M, N)
-    d_ptr,  # D = activation'(Z), strides of C (SAVE_DACT), else None
+    d_ptr,  # D = Z, the activation's input, strides of C (SAVE_Z), else None
     bias_ptr,  # bias (N,) (HAS_BIAS)
     M, N, K,  # matrix sizes
     R,  # reduction batch size: C sums R products
@@ -369,7 +364,7 @@ def gemm_kernel(
     s_b0, s_b1, s_br, s_bk, s_bn,  # strides of B
     s_c0, s_c1, s_cm, s_cn,  # strides of C (and D)
     s_cs,  # workspace stride between splits (SPLIT_K > 1)
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_DACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # C += the product (SPLIT_K == 1; plain GEMMs)
     SPLIT_K: tl.constexpr, ROUND_TF32: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
@@ -414,11 +409,11 @@ def gemm_kernel(
     c_off = (split.to(tl.int64) * s_cs + o0 * s_c0 + o1 * s_c1 + offs_m[:, None].to(tl.int64) * s_cm
              + offs_n[None, :].to(tl.int64) * s_cn)
     mask = m_ok[:, None] & n_ok[None, :]
-    y, dact = _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION, SAVE_DACT)
+    y, z = _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
     if ACCUMULATE:
         y += tl.load(c_ptr + c_off, mask=mask).to(tl.float32)
-    if SAVE_DACT:
-        tl.store(d_ptr + c_off, dact.to(d_ptr.dtype.element_ty), mask=mask)
+    if SAVE_Z:
+        tl.store(d_ptr + c_off, z.to(d_ptr.dtype.element_ty), mask=mask)
     tl.store(c_ptr + c_off, y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -460,17 +455,18 @@ def reduce_splits_kernel(
 @triton.jit
 def dz_dbias_kernel(
     dy_ptr,  # dY (M, N), any strides
-    g_ptr,  # G = activation'(Z) (M, N), any strides (A_MUL), else None
-    dz_ptr,  # dZ = dY * G (M, N) contiguous, in its own dtype (DZ_OUT), else None
+    z_ptr,  # Z, the activation's input (M, N), any strides (ACTIVATION != "none"), else None
+    dz_ptr,  # dZ = dY * activation'(Z) (M, N) contiguous, in its own dtype (DZ_OUT), else None
     sums_ptr,  # column sums of dZ per row range (P, N) contiguous, any float dtype (SUMS)
     M, N,
     rows_per_range,  # rows of each range, a multiple of BM; program_id(1) = range index
-    s_ym, s_yn, s_gm, s_gn,  # strides of dY and G
-    A_MUL: tl.constexpr, DZ_OUT: tl.constexpr, SUMS: tl.constexpr,
+    s_ym, s_yn, s_zm, s_zn,  # strides of dY and Z
+    ACTIVATION: tl.constexpr,  # "none" (dZ = dY) or the forward's (kernels/activations.py)
+    DZ_OUT: tl.constexpr, SUMS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """dZ = dY * G over one column block and one range of rows, and that range's column sums
-    (accumulated in fp32 from the unrounded products)."""
+    """dZ = dY * activation'(Z) over one column block and one range of rows, and that range's
+    column sums (accumulated in fp32 from the unrounded values)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
     cols64 = cols[None, :].to(tl.int64)
@@ -482,9 +478,9 @@ def dz_dbias_kernel(
         rows = offs_m[:, None].to(tl.int64)
         mask = (offs_m[:, None] < hi) & col_ok[None, :]
         dz = tl.load(dy_ptr + rows * s_ym + cols64 * s_yn, mask=mask, other=0.0).to(tl.float32)
-        if A_MUL:
-            g = tl.load(g_ptr + rows * s_gm + cols64 * s_gn, mask=mask, other=0.0)
-            dz *= g.to(tl.float32)
+        if ACTIVATION != "none":
+            z = tl.load(z_ptr + rows * s_zm + cols64 * s_zn, mask=mask, other=0.0)
+            dz = activation_grad(z.to(tl.float32), dz, ACTIVATION)
         if DZ_OUT:
             tl.store(dz_ptr + rows * N + cols64, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SUMS:
@@ -538,12 +534,13 @@ def _schedule_cost(tiles: int, dp: int, splits: int, k_steps: int, sms: int) -> 
     return worst + (FIXED_STEPS if sk_units else 0)
 
 
-def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule:
+def gluon_tiling(m: int, n: int, k: int, sms: int, whole: bool = False) -> GluonSchedule:
     """The Gluon kernel's schedule for an (m, k) @ (k, n) product with a 16-bit output: 128 x
     256 tiles whole once they fill the SMs GLUON_MAX_WAVES times, else the least cost of, per
     tiling: every tile whole; every tile's K split evenly; and, with more tiles than SMs,
     whole tiles for full waves and the rest (whole rows or columns of tiles, last in order)
-    split across all the SMs."""
+    split across all the SMs. With ``whole``, whole tiles only (for a bias or an activation,
+    applied in the epilogue)."""
     t256 = GLUON_TILINGS[0]
     if cdiv(m, 128) * cdiv(n, 256) >= GLUON_MAX_WAVES * sms:
         return GluonSchedule(t256, cdiv(m, 128) * cdiv(n, 256), 1)
@@ -557,7 +554,7 @@ def gluon_tiling(m: int, n: int, k: int, sms: int) -> GluonSchedule:
         rest = tiles - tiles // sms * sms if tiles > sms else tiles
         tails = [(cdiv(rest, n_cols) * n_cols, False), (cdiv(rest, n_rows) * n_rows, True)]
         candidates = [(tiles, 1, False, 2)]
-        for s in range(2, MAX_SPLIT_K + 1):
+        for s in range(2, (not whole) * MAX_SPLIT_K + 1):
             if cdiv(k_steps, s) < MIN_STEPS_PER_SPLIT:
                 break
             candidates.append((0, s, False, 4))
@@ -628,7 +625,8 @@ class _Plan(NamedTuple):
     ws_rows: int  # workspace rows per split and batch matrix
     reduce_add: bool  # the splits are summed by TMA reduce-adds into one fp32 (M, N) tensor
     descs: tuple  # TMA: (A's, B's (transposed?, shape, strides, block)), C's and D's blocks;
-    # Gluon: A's, B's, B's tail (or None) as (shape, strides, block), C's and C's tail blocks
+    # Gluon: A's, B's, B's tail (or None) as (shape, strides, block), and per output ("c",
+    # "ws", "d") the (shape, strides, block) of its descriptor and of its tail's (or None)
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
@@ -656,7 +654,7 @@ def _reduce_launch(n_mats: int, m: int, n: int, rows: int, splits: int, origin: 
 
 
 def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bias: bool,
-               act: str, save_dact: bool, accumulate: bool, config: GemmConfig | None,
+               act: str, save_z: bool, accumulate: bool, config: GemmConfig | None,
                use_tma: bool | None, deterministic: bool) -> _Plan:
     batched = a.dim() == 5
     if batched:
@@ -674,16 +672,15 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     elif use_tma:  # forced (tests, tuning): the layouts, without the device check
         layouts = (_tma_layout(a2), _tma_layout(b2))
     op_class = operand_class(b.dtype)
-    epilogue = has_bias or act != "none" or save_dact
+    epilogue = has_bias or act != "none" or save_z
     if (use_tma and auto_tma and config is None and out_dtype != torch.float32
-            and not (INTERPRET or batched or act != "none" or save_dact or accumulate)
-            and op_class == "16bit"):
+            and not (INTERPRET or batched or accumulate) and op_class == "16bit"):
         sms = num_sms(device_index(a))
-        schedule = gluon_tiling(m, n, k, sms)
+        schedule = gluon_tiling(m, n, k, sms, whole=epilogue)
         t = schedule.tiling
         whole = schedule.dp_tiles == cdiv(m, 64 * t.consumers) * cdiv(n, t.block_n + t.tail_n)
-        if whole or not has_bias:  # a bias is added to whole tiles only
-            return _gluon_plan(m, n, k, layouts, schedule, sms, has_bias)
+        if whole or not epilogue:  # a bias or activation is applied to whole tiles only
+            return _gluon_plan(m, n, k, layouts, schedule, sms, has_bias, act, save_z)
     # accumulate reads C in the epilogue: the "epilogue" configs leave shared memory for it
     config = config or _pick_config(m, n, k, use_tma, op_class,
                                     "epilogue" if epilogue or accumulate else "plain")
@@ -697,7 +694,7 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     # TMA kernel: splits summed by reduce-adds in L2 (compiled, order not fixed) unless
     # torch.use_deterministic_algorithms asks for a fixed order (a workspace and a reduction)
     reduce_add = use_tma and split > 1 and not (INTERPRET or deterministic)
-    flags = dict(HAS_BIAS=has_bias, ACTIVATION=act, SAVE_DACT=save_dact,
+    flags = dict(HAS_BIAS=has_bias, ACTIVATION=act, SAVE_Z=save_z,
                  ACCUMULATE=accumulate and split == 1, SPLIT_K=split, REDUCE_ADD=reduce_add,
                  ROUND_TF32=op_class == "tf32", PRECISION="ieee" if op_class == "ieee" else "tf32",
                  BM=bm, BN=bn, BK=bk, GROUP_M=config.group_m)
@@ -705,7 +702,7 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
     if use_tma:
         epi = config.epilogue_split
         es = 4 if split > 1 else torch.finfo(out_dtype).bits // 8
-        tiles_staged = 1 + save_dact + (accumulate and split == 1)  # C, D, C read back
+        tiles_staged = 1 + save_z + (accumulate and split == 1)  # C, Z, C read back
         while bm * bn * es * tiles_staged // epi > EPILOGUE_SMEM and epi < 4:
             epi *= 2
 
@@ -736,10 +733,10 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
                  grid, constexprs, options, next(_LAUNCH_IDS), ws_shape, reduce)
 
 
-def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
-                sms: int, has_bias: bool = False) -> _Plan:
+def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule, sms: int,
+                has_bias: bool, act: str, save_z: bool) -> _Plan:
     """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``
-    (with a bias: whole tiles only).
+    (with a bias or an activation: whole tiles only).
     The split tiles' K pieces go to an fp32 workspace, one (rows, columns) block per piece
     covering those tiles, which ``reduce_splits_kernel`` sums (in a fixed order:
     deterministic) into C from the first split tile on."""
@@ -761,21 +758,25 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
         return shape, strides, [cols, rows] if transposed else [rows, cols]
 
     ws_shape = (splits * ws_rows, n - origin[1]) if split_tiles else ()
-    targets = [((m, n), True)] * (dp > 0) + [(ws_shape, False)] * (split_tiles > 0)
-    # per target (C, then the workspace): its descriptors' (shape, strides, block), the
-    # tail's (or None), and whether it is C
-    outs = tuple(([*shape], [shape[1], 1], [64, t.block_n], is_c) for shape, is_c in targets)
-    tails = tuple(([*shape], [shape[1], 1], [64, t.tail_n]) if t.tail_n else None
-                  for shape, _ in targets)
+    targets = {"c": (m, n)} if dp else {}
+    if split_tiles:
+        targets["ws"] = ws_shape
+    if save_z:
+        targets["d"] = (m, n)
+    # per output (C, the workspace, D): its descriptors' (shape, strides, block) and the
+    # tail's (or None)
+    outs = {name: (([*shape], [shape[1], 1], [64, t.block_n]),
+                   ([*shape], [shape[1], 1], [64, t.tail_n]) if t.tail_n else None)
+            for name, shape in targets.items()}
     descs = (desc(la, 64, bk), desc(lb, bk, t.block_n),
-             desc(lb, bk, t.tail_n) if t.tail_n else None, outs, tails)
+             desc(lb, bk, t.tail_n) if t.tail_n else None, outs)
     # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
     # order) so that the split tiles come last as whole rows (columns)
     group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
     constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
-                      HAS_SK=split_tiles > 0, HAS_BIAS=has_bias, GROUP_M=group_m,
-                      NUM_SMS=programs)
+                      HAS_SK=split_tiles > 0, HAS_BIAS=has_bias, ACTIVATION=act,
+                      SAVE_Z=save_z, GROUP_M=group_m, NUM_SMS=programs)
     gluon_args = (units, dp, splits, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
     reduce = _reduce_launch(1, m, n, ws_rows, splits, origin, False) if split_tiles else ()
     grid = (programs, 1)
@@ -806,7 +807,7 @@ def gemm(
     *,
     bias: torch.Tensor | None = None,
     activation_name: str | None = None,
-    save_dact: bool = False,
+    save_z: bool = False,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
     config: GemmConfig | None = None,
@@ -821,7 +822,8 @@ def gemm(
         out_dtype: dtype of C, written from the fp32 accumulator.
         bias: optional (N,), added in fp32 before the activation.
         activation_name: None, "relu", "gelu" or "gelu_tanh".
-        save_dact: also return D = activation'(Z + bias) in out_dtype.
+        save_z: also return Z = sum_r A[o, r] @ B[o, r] + bias (the activation's input, which
+            the backward's ``dz_and_dbias`` differentiates at) in out_dtype.
         out: optional contiguous C to write (shape of the result, dtype out_dtype).
         accumulate: C = out + A @ B, summed in fp32 (needs ``out``; plain products only, no
             bias or activation): a weight gradient accumulated over chunks of rows.
@@ -830,24 +832,24 @@ def gemm(
             portable kernel (False); default: TMA on sm_90 when the layout allows.
 
     Returns:
-        GemmResult(c: (M, N), or (O0, O1, M, N) when batched, contiguous; dact like c or
+        GemmResult(c: (M, N), or (O0, O1, M, N) when batched, contiguous; z like c or
         None).
     """
     act = activation_name or "none"
-    if accumulate and (out is None or bias is not None or act != "none" or save_dact):
+    if accumulate and (out is None or bias is not None or act != "none" or save_z):
         raise ValueError("accumulate=True needs out= and a plain product (no bias/activation)")
     # everything that decides the plan and the launch's specialisation (so that the compiled
     # kernel can be launched directly, see runtime.launch)
     key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, out_dtype, a.device,
            a.data_ptr() % 16, b.data_ptr() % 16, None if bias is None else bias.dtype,
            None if bias is None else bias.data_ptr() % 16,
-           None if out is None else out.data_ptr() % 16, act, save_dact, accumulate,
+           None if out is None else out.data_ptr() % 16, act, save_z, accumulate,
            config, use_tma, fp32_uses_tf32(), torch.are_deterministic_algorithms_enabled())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:  # many shapes (variable lengths): start over, stay bounded
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(a, b, out_dtype, bias is not None, act, save_dact,
+        plan = _PLANS[key] = _make_plan(a, b, out_dtype, bias is not None, act, save_z,
                                         accumulate, config, use_tma, key[-1])
     o0, o1, r, m, n, k = plan.dims
     split = plan.split
@@ -859,7 +861,7 @@ def gemm(
                          f"{plan.out_shape}, got {out.dtype} {tuple(out.shape)}")
     else:
         c = out
-    d = empty(plan.out_shape, out_dtype, dev) if save_dact else None
+    d = empty(plan.out_shape, out_dtype, dev) if save_z else None
     ws = None
     if plan.reduce_add:  # one fp32 sum: C itself when fp32, else a buffer cast below
         if out_dtype == torch.float32:
@@ -870,13 +872,16 @@ def gemm(
         ws = empty(plan.ws_shape, torch.float32, dev)
     launch_key = plan.launch_id
     if plan.kernel is gemm_gluon_kernel:
-        sa, sb, sbt, outs, tails = plan.descs
-        descs = [(gluon_descriptor(c if is_c else ws, shape, strides, block),
-                  tail and gluon_descriptor(c if is_c else ws, *tail))
-                 for (shape, strides, block, is_c), tail in zip(outs, tails, strict=True)]
-        (cd, ctd), (wd, wtd) = descs[0], descs[-1]
+        sa, sb, sbt, outs = plan.descs
+        tensors = {"c": c, "ws": ws, "d": d}
+        descs = {name: (gluon_descriptor(tensors[name], *main),
+                        tail and gluon_descriptor(tensors[name], *tail))
+                 for name, (main, tail) in outs.items()}
+        cd, ctd = descs.get("c") or descs["ws"]  # one stands in for the other when absent
+        wd, wtd = descs.get("ws") or descs["c"]
+        dd, dtd = descs.get("d", (None, None))
         args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
-                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, bias, m, n,
+                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, dd, dtd, bias, m, n,
                 *plan.gluon_args)
         launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
@@ -914,25 +919,30 @@ def gemm(
     return GemmResult(c, d)
 
 
-def _dz_launch(dy: torch.Tensor, g: torch.Tensor | None, dz: torch.Tensor | None,
-               sums: torch.Tensor | None, rows_per_range: int) -> None:
+def _dz_launch(dy: torch.Tensor, z: torch.Tensor | None, activation_name: str,
+               dz: torch.Tensor | None, sums: torch.Tensor | None, rows_per_range: int) -> None:
     m, n = dy.shape
     bm, bn = DZ_BLOCK
-    gs = g.stride() if g is not None else (0, 0)
+    zs = z.stride() if z is not None else (0, 0)
     launch(dz_dbias_kernel, (cdiv(n, bn), cdiv(m, rows_per_range)),
-           (dy, g, dz, sums, m, n, rows_per_range, *dy.stride(), *gs),
-           dict(A_MUL=g is not None, DZ_OUT=dz is not None, SUMS=sums is not None, BM=bm, BN=bn),
+           (dy, z, dz, sums, m, n, rows_per_range, *dy.stride(), *zs),
+           dict(ACTIVATION=activation_name, DZ_OUT=dz is not None, SUMS=sums is not None,
+                BM=bm, BN=bn),
            num_warps=4)
 
 
 def dz_and_dbias(
-    dy: torch.Tensor, g: torch.Tensor | None, dz: bool, dbias_dtype: torch.dtype | None
+    dy: torch.Tensor, z: torch.Tensor | None, activation_name: str | None, dz: bool,
+    dbias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The linear backward's elementwise pass: dZ = dY * G and/or dbias = column sums of dZ.
+    """The linear backward's elementwise pass: dZ = dY * activation'(Z) and/or dbias = column
+    sums of dZ.
 
     Args:
         dy: (M, N) output gradient, any strides.
-        g: optional (M, N) activation'(Z) saved by the forward, any strides (None: dZ = dY).
+        z: (M, N) the activation's input Z saved by the forward (``gemm(save_z=True)``), any
+            strides; None without an activation (dZ = dY).
+        activation_name: the forward's activation (see ``gemm``), or None.
         dz: whether to return dZ, (M, N) contiguous in dy's dtype.
         dbias_dtype: when not None, also return dbias (N,) in this dtype, summed in fp32.
 
@@ -950,9 +960,12 @@ def dz_and_dbias(
     sums = None
     if dbias_dtype is not None:
         sums = empty((ranges, n), torch.float32 if ranges > 1 else dbias_dtype, dy.device)
-    _dz_launch(dy, g, dz_out, sums, per)
+    act = activation_name or "none"
+    if (z is None) != (act == "none"):
+        raise ValueError("dz_and_dbias needs z with an activation, and neither without one")
+    _dz_launch(dy, z, act, dz_out, sums, per)
     if sums is not None and ranges > 1:
         db = empty((1, n), dbias_dtype, dy.device)
-        _dz_launch(sums, None, None, db, cdiv(ranges, bm) * bm)
+        _dz_launch(sums, None, "none", None, db, cdiv(ranges, bm) * bm)
         sums = db
     return dz_out, None if sums is None else sums[0]

@@ -1,10 +1,11 @@
 """Warp-specialised persistent GEMM for Hopper (sm_90) in Gluon, 16-bit operands.
 
-C = A @ B (+ bias) for 2-D operands TMA can read (either may be given through its transposed
-storage), in C's dtype. No activation: this kernel runs the plain products with a 16-bit C,
-the weight gradients above all, and the forward of a linear layer with a bias and no
-activation when its tiles are whole (``matmul.gluon_tiling`` picks the schedule,
-``matmul.gemm`` launches it).
+C = activation(A @ B + bias) for 2-D operands TMA can read (either may be given through its
+transposed storage), in C's dtype, and D = A @ B + bias (the activation's input, which the
+backward differentiates at) when asked: the plain
+products with a 16-bit C (the weight gradients above all) and the forwards of the linear
+layers, whose bias and activation need whole tiles (``matmul.gluon_tiling`` picks the
+schedule, ``matmul.gemm`` launches it).
 
 Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
 plus TAIL_N more in a second accumulator (128 x 160 = 128 + 32): sizes that fill the 132 SMs
@@ -45,6 +46,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .activations import activation
 
 ROWS = gl.constexpr(64)  # tile rows per consumer warpgroup
 # Registers per thread (setmaxnreg) of the consumer warpgroups (two or three) and the producer
@@ -142,16 +145,18 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
 
 
 @gluon.jit
-def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-              bt_smem, c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles,
-              sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T: gl.constexpr,
-              B_T: gl.constexpr,
-              BN: gl.constexpr, TAIL_N: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr,
+def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+              a_smem, b_smem, bt_smem, c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N,
+              units, dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+              A_T: gl.constexpr, B_T: gl.constexpr, BN: gl.constexpr, TAIL_N: gl.constexpr,
+              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr,
+              ACTIVATION: gl.constexpr, SAVE_Z: gl.constexpr, GROUP_M: gl.constexpr,
               NUM_SMS: gl.constexpr):
     """Consumer warpgroup W: rows W * ROWS.. of every unit's tile, accumulated in registers
-    (the tail columns in a second accumulator); a whole tile is stored to C (plus the bias,
-    in fp32, with HAS_BIAS), a K split's partial sums to (split * ws_rows + row - tail_row0,
+    (the tail columns in a second accumulator); a whole tile's Z (plus the bias, in fp32,
+    with HAS_BIAS) is stored to C as activation(Z) (with SAVE_Z, Z itself to D first,
+    through the same staging buffers: a TMA store has read them long before the activation
+    is computed), a K split's partial sums to (split * ws_rows + row - tail_row0,
     column - tail_col0) of the fp32 workspace."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
@@ -202,6 +207,12 @@ def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_sme
                 acc = _add_bias(acc, bias_ptr, on, N, BN, acc_layout)
                 if TAIL_N > 0:
                     acc_t = _add_bias(acc_t, bias_ptr, on + BN, N, TAIL_N, tail_layout)
+            if SAVE_Z:
+                _stage_store(acc, acc_t, d_desc, dt_desc, c_smem, ct_smem, om + W * ROWS, on,
+                             BN, TAIL_N)
+            acc = activation(acc, ACTIVATION)
+            if TAIL_N > 0:
+                acc_t = activation(acc_t, ACTIVATION)
             _stage_store(acc, acc_t, c_desc, ct_desc, c_smem, ct_smem, om + W * ROWS, on, BN,
                          TAIL_N)
     tma.store_wait(0)
@@ -218,6 +229,8 @@ def gemm_gluon_kernel(
              # [ROWS, BN];
              # else c_desc again
     wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
+    d_desc,  # SAVE_Z: D (M, N), C's dtype, block [ROWS, BN]; else None
+    dt_desc,  # SAVE_Z and TAIL_N > 0: D again, block [ROWS, TAIL_N]; else None
     bias_ptr,  # HAS_BIAS: (N,) 16-bit, added in fp32 to every whole tile; else None
     M, N,
     units,  # dp_tiles + (tiles - dp_tiles) * sk_splits
@@ -233,7 +246,9 @@ def gemm_gluon_kernel(
     BK: gl.constexpr, STAGES: gl.constexpr,
     CONSUMERS: gl.constexpr,  # 2 or 3 consumer warpgroups, ROWS rows of the tile each
     HAS_DP: gl.constexpr, HAS_SK: gl.constexpr,  # dp_tiles > 0, dp_tiles < tiles
-    HAS_BIAS: gl.constexpr,  # (whole tiles only: no split tiles with a bias)
+    HAS_BIAS: gl.constexpr,  # (whole tiles only: no split tiles with a bias or activation)
+    ACTIVATION: gl.constexpr,  # "none", "relu", "gelu" or "gelu_tanh" (kernels/activations.py)
+    SAVE_Z: gl.constexpr,  # also store D = Z
     GROUP_M: gl.constexpr,
     NUM_SMS: gl.constexpr,  # programs launched; each walks every NUM_SMS-th unit
 ):
@@ -278,42 +293,42 @@ def gemm_gluon_kernel(
     # tuple built by concatenation would turn the constexprs into tensors)
     if CONSUMERS == 2:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-                          bt_smem,
-                          c_smem.index(0), ct_smem.index(0), w_smem.index(0),
-                          wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
-                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-                          bt_smem,
-                          c_smem.index(1), ct_smem.index(1), w_smem.index(1),
-                          wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
-                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+                          a_smem, b_smem, bt_smem, c_smem.index(0), ct_smem.index(0),
+                          w_smem.index(0), wt_smem.index(0), ready, empty, M, N, units,
+                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
+                          SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+                          a_smem, b_smem, bt_smem, c_smem.index(1), ct_smem.index(1),
+                          w_smem.index(1), wt_smem.index(1), ready, empty, M, N, units,
+                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
+                          SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-                          bt_smem,
-                          c_smem.index(0), ct_smem.index(0), w_smem.index(0),
-                          wt_smem.index(0), ready, empty, M, N, units, dp_tiles, sk_splits,
-                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-                          bt_smem,
-                          c_smem.index(1), ct_smem.index(1), w_smem.index(1),
-                          wt_smem.index(1), ready, empty, M, N, units, dp_tiles, sk_splits,
-                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
-             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, bias_ptr, a_smem, b_smem,
-                          bt_smem,
-                          c_smem.index(2), ct_smem.index(2), w_smem.index(2),
-                          wt_smem.index(2), ready, empty, M, N, units, dp_tiles, sk_splits,
-                          sk_steps, k_steps, ws_rows, tail_row0, tail_col0, A_T, B_T, BN, TAIL_N,
-                          STAGES, CONSUMERS, HAS_BIAS, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+                          a_smem, b_smem, bt_smem, c_smem.index(0), ct_smem.index(0),
+                          w_smem.index(0), wt_smem.index(0), ready, empty, M, N, units,
+                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
+                          SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+                          a_smem, b_smem, bt_smem, c_smem.index(1), ct_smem.index(1),
+                          w_smem.index(1), wt_smem.index(1), ready, empty, M, N, units,
+                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
+                          SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
+                          a_smem, b_smem, bt_smem, c_smem.index(2), ct_smem.index(2),
+                          w_smem.index(2), wt_smem.index(2), ready, empty, M, N, units,
+                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
+                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
+                          SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],

@@ -5,11 +5,11 @@ Every product is one launch of ``kernels.matmul.gemm``. Batch dims are handled w
 copies where the strides allow: a (..., M, K) @ (K, N) product runs as one 2-D GEMM over the
 flattened rows, other batches as strided batched GEMMs, and gradients of broadcast batch
 dims are summed inside the kernel in fp32. The linear forward's epilogue adds the bias,
-applies the activation and, when a gradient will be needed, stores act'(Z); the backward
-runs one elementwise pass (dZ = dY * act'(Z), with dbias summed on the way; only dbias
-without an activation) and then two plain GEMMs, dX = dZ W and dW = dZ^T X. Each gradient
-is written in its input's own dtype from the fp32 accumulator (fp32 master weights get fp32
-gradients with no 16-bit round trip).
+applies the activation and, when a gradient will be needed, also stores its input Z (what
+torch saves for it too); the backward runs one elementwise pass (dZ = dY * act'(Z), with
+dbias summed on the way; only dbias without an activation) and then two plain GEMMs,
+dX = dZ W and dW = dZ^T X. Each gradient is written in its input's own dtype from the fp32
+accumulator (fp32 master weights get fp32 gradients with no 16-bit round trip).
 """
 
 from __future__ import annotations
@@ -217,16 +217,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
-    """activation(x W^T + b), and with an autograd ``ctx`` what its backward needs, act'(Z)
-    included (ctx None: no graph is recorded, nothing is saved)."""
+    """activation(x W^T + b), and with an autograd ``ctx`` what its backward needs, the
+    activation's input Z = x W^T + b included (ctx None: no graph is recorded, nothing is
+    saved)."""
     dt = _compute_dtype(x)
     xc, wc, bc = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
     x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
-    y2, dact = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
-                    save_dact=ctx is not None and activation is not None)
+    y2, z = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
+                 save_z=ctx is not None and activation is not None)
     if ctx is not None:
         need_x, need_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, dact)
+        ctx.save_for_backward(x2 if need_w else None, wc if need_x else None, z)
+        ctx.activation = activation
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.x_shape = x.shape
     return y2.view(*x.shape[:-1], weight.shape[0])
@@ -241,14 +243,14 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
     def backward(ctx, dy: torch.Tensor):
-        x2, wc, dact = ctx.saved_tensors
+        x2, wc, z = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = dz = db = None
-        want_dz = dact is not None and (need_x or need_w)
+        want_dz = z is not None and (need_x or need_w)
         if want_dz or need_b:  # dZ = dY * act'(Z) and dbias, in one pass over dY
-            dz, db = dz_and_dbias(dy2, dact, want_dz, b_dtype if need_b else None)
+            dz, db = dz_and_dbias(dy2, z, ctx.activation, want_dz, b_dtype if need_b else None)
         dz = dy2 if dz is None else dz  # no activation: dZ is dY
         if need_x:  # dX = dZ W
             dx = gemm(dz, wc, x_dtype).c.view(ctx.x_shape)
@@ -277,7 +279,7 @@ def linear(
         (..., out_features), contiguous, in the inputs' dtype (which must match outside
         autocast), or the autocast dtype under torch.autocast; gradients come back in each
         input's own dtype. When a gradient will be needed, the epilogue also stores
-        act'(x W^T + b) (in the output dtype) for the backward.
+        Z = x W^T + b (in the output dtype) for the backward.
     """
     check_choice(activation, "activation", ACTIVATIONS)
     check_tensor(x, "x", min_ndim=1)
