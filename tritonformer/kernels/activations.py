@@ -50,12 +50,16 @@ def activation_grad(x, dy, ACTIVATION: tl.constexpr):
         pdf = tl.exp(-0.5 * x * x) * INV_SQRT_2PI
         return dy * (cdf + x * pdf)
     elif ACTIVATION == "gelu_tanh":
-        # d/dx [x s(z)] = s(z) + x s(z) s(-z) dz/dx with z = 2u; s(-z), not 1 - s(z), which
-        # cancels where s(z) nears 1.
+        # d/dx [x s(z)] = s(z) + x s(z) s(-z) dz/dx with z = 2u. Both sigmoids from one exp
+        # and one division, without cancellation: with e = exp(-|z|) and r = 1 / (1 + e),
+        # s(|z|) = r and s(-|z|) = e r.
         z = 2.0 * SQRT_2_PI * (x + GELU_TANH_C * x * x * x)
-        s = tl.sigmoid(z)
+        e = tl.exp(-tl.abs(z))
+        r = 1.0 / (1.0 + e)
+        s_pos = tl.where(z >= 0.0, r, e * r)  # s(z)
+        s_neg = tl.where(z >= 0.0, e * r, r)  # s(-z)
         dz = 2.0 * SQRT_2_PI * (1.0 + 3.0 * GELU_TANH_C * x * x)
-        return dy * (s + x * s * tl.sigmoid(-z) * dz)
+        return dy * (s_pos + x * s_pos * s_neg * dz)
     else:
         return dy
 
