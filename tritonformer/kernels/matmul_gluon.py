@@ -145,19 +145,24 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
 
 
 @gluon.jit
-def _consumer(W: gl.constexpr, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-              a_smem, b_smem, bt_smem, c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N,
-              units, dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-              A_T: gl.constexpr, B_T: gl.constexpr, BN: gl.constexpr, TAIL_N: gl.constexpr,
-              STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr,
-              ACTIVATION: gl.constexpr, SAVE_Z: gl.constexpr, GROUP_M: gl.constexpr,
-              NUM_SMS: gl.constexpr):
+def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: gl.constexpr,
+              TAIL_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+              HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, SAVE_Z: gl.constexpr,
+              GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
     """Consumer warpgroup W: rows W * ROWS.. of every unit's tile, accumulated in registers
     (the tail columns in a second accumulator); a whole tile's Z (plus the bias, in fp32,
     with HAS_BIAS) is stored to C as activation(Z) (with SAVE_Z, Z itself to D first,
     through the same staging buffers: a TMA store has read them long before the activation
     is computed), a K split's partial sums to (split * ws_rows + row - tail_row0,
-    column - tail_col0) of the fp32 workspace."""
+    column - tail_col0) of the fp32 workspace. ``args``: the tensors and buffers
+    gemm_gluon_kernel passes every consumer (W picks its staging buffers)."""
+    (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
+     c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
+     sk_steps, k_steps, ws_rows, tail_row0, tail_col0) = args
+    c_smem = c_smem.index(W)
+    ct_smem = ct_smem.index(W)
+    w_smem = w_smem.index(W)
+    wt_smem = wt_smem.index(W)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
     if TAIL_N > 0:
@@ -289,46 +294,29 @@ def gemm_gluon_kernel(
         mbarrier.init(empty.index(i), count=CONSUMERS)
     fence_async_shared()
     gl.thread_barrier()
-    # one warp_specialize per consumer count: each partition's arguments written out (a
-    # tuple built by concatenation would turn the constexprs into tensors)
+    # the consumers' tensors and buffers in one tuple, their constexprs passed one by one (a
+    # tuple built here turns constexprs into tensors); one warp_specialize per consumer count
+    args = (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
+            c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
+            sk_steps, k_steps, ws_rows, tail_row0, tail_col0)
     if CONSUMERS == 2:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-                          a_smem, b_smem, bt_smem, c_smem.index(0), ct_smem.index(0),
-                          w_smem.index(0), wt_smem.index(0), ready, empty, M, N, units,
-                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
-                          SAVE_Z, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-                          a_smem, b_smem, bt_smem, c_smem.index(1), ct_smem.index(1),
-                          w_smem.index(1), wt_smem.index(1), ready, empty, M, N, units,
-                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
-                          SAVE_Z, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
+                          ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (1, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
+                          ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize(
-            [(_consumer, (0, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-                          a_smem, b_smem, bt_smem, c_smem.index(0), ct_smem.index(0),
-                          w_smem.index(0), wt_smem.index(0), ready, empty, M, N, units,
-                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
-                          SAVE_Z, GROUP_M, NUM_SMS)),
-             (_consumer, (1, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-                          a_smem, b_smem, bt_smem, c_smem.index(1), ct_smem.index(1),
-                          w_smem.index(1), wt_smem.index(1), ready, empty, M, N, units,
-                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
-                          SAVE_Z, GROUP_M, NUM_SMS)),
-             (_consumer, (2, c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr,
-                          a_smem, b_smem, bt_smem, c_smem.index(2), ct_smem.index(2),
-                          w_smem.index(2), wt_smem.index(2), ready, empty, M, N, units,
-                          dp_tiles, sk_splits, sk_steps, k_steps, ws_rows, tail_row0, tail_col0,
-                          A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS, ACTIVATION,
-                          SAVE_Z, GROUP_M, NUM_SMS)),
+            [(_consumer, (0, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
+                          ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (1, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
+                          ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
+             (_consumer, (2, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
+                          ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
                           units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
