@@ -1,4 +1,4 @@
-"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one (and, for plain 16-bit
+"""GEMMs: C = epilogue(A @ B), a Hopper TMA kernel and a portable one (and, for 16-bit
 products on Hopper, the Gluon kernel of ``matmul_gluon.py``); and the linear
 backward's elementwise pass (dZ = dY * act'(Z) with the bias gradient's column sums).
 
@@ -6,7 +6,7 @@ One computation, two kernels here:
 
     Z = sum_r  A[o, r] @ B[o, r]
     C[o] = activation(Z + bias)            the epilogue, on the fp32 accumulator
-    D[o] = activation'(Z + bias)           optional: what the backward needs
+    D[o] = Z + bias                        optional: what the backward needs
 
 ``o`` runs over up to two output batch dims and ``r`` over one reduction batch dim (torch's
 broadcast batch dims, summed in fp32 inside the kernel). Accumulation is fp32. fp32 operands
@@ -19,9 +19,10 @@ use IEEE products, or, when TF32 is allowed, TF32 tensor cores fed operands roun
 - ``gemm_kernel``: pointer loads with arbitrary strides and masks; every GPU and the
   interpreter.
 
-On sm_90 a plain 2-D product of 16-bit operands into a 16-bit C runs
+On sm_90 a 2-D product of 16-bit operands into a 16-bit C runs
 ``matmul_gluon.gemm_gluon_kernel`` instead, warp-specialised, with the tiles and K splits of
-``gluon_tiling``; the TMA kernel there serves the rest (epilogues, fp32, batched products).
+``gluon_tiling`` (a bias or activation on whole tiles only); the TMA kernel there serves the
+rest (fp32, an fp32 C, accumulation into C, batched products).
 
 Both split K across programs when the output has too few tiles to fill the GPU (the
 weight-gradient GEMMs reduce every token into a small d x d output): each split writes its
@@ -34,8 +35,8 @@ kernels; under ``torch.use_deterministic_algorithms(True)`` it takes the workspa
 
 Operands go from shared memory straight into the tensor cores: nothing is applied to A on
 its way in (doing dY * act'(Z) there, through registers, ran at ~0.3x a plain GEMM on the
-H200). The linear backward instead runs ``dz_dbias_kernel`` (one read of dY and act'(Z), one
-write of dZ, the dbias column sums on the way) and then two plain GEMMs.
+H200). The linear backward instead runs ``dz_dbias_kernel`` (one read of dY and Z, act'(Z)
+computed there, one write of dZ, the dbias column sums on the way) and then two plain GEMMs.
 
 The activation math is ``kernels/activations.py``'s device functions.
 """
