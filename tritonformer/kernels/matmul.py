@@ -164,7 +164,7 @@ class GluonSchedule(NamedTuple):
 # shared memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's
 # 0.82-1.0x on the d_model 768/1024 weight gradients), as do a bias or an activation on a
 # schedule with split tiles, accumulation into C, batched products and fp32 operands. A bias
-# and an activation (and its derivative D, staged in C's buffers after C's previous store)
+# and an activation (and the activation's input Z, stored through C's staging buffers first)
 # are applied in the Gluon kernel's epilogue, on schedules of whole tiles (the Triton
 # kernel's "epilogue" entry ran d768 attn_out / proj forwards at 0.71x / 0.79x of cuBLAS's
 # F.linear on the H100, docs/perf/matmul.md v8).
@@ -559,7 +559,7 @@ def gluon_tiling(m: int, n: int, k: int, sms: int, whole: bool = False) -> Gluon
         rest = tiles - tiles // sms * sms if tiles > sms else tiles
         tails = [(cdiv(rest, n_cols) * n_cols, False), (cdiv(rest, n_rows) * n_rows, True)]
         candidates = [(tiles, 1, False, 2)]
-        for s in range(2, (not whole) * MAX_SPLIT_K + 1):
+        for s in range(2, 1 if whole else MAX_SPLIT_K + 1):
             if cdiv(k_steps, s) < MIN_STEPS_PER_SPLIT:
                 break
             candidates.append((0, s, False, 4))
@@ -955,6 +955,9 @@ def dz_and_dbias(
     DZ_PROGRAMS_PER_SM ranges per SM, each range's fp32 column sums go to a (ranges, N)
     buffer, and a second launch of the same kernel sums those (deterministic, no atomics).
     """
+    act = activation_name or "none"
+    if (z is None) != (act == "none"):
+        raise ValueError("dz_and_dbias needs z with an activation, and neither without one")
     m, n = dy.shape
     bm, bn = DZ_BLOCK
     row_blocks = cdiv(m, bm)
@@ -965,9 +968,6 @@ def dz_and_dbias(
     sums = None
     if dbias_dtype is not None:
         sums = empty((ranges, n), torch.float32 if ranges > 1 else dbias_dtype, dy.device)
-    act = activation_name or "none"
-    if (z is None) != (act == "none"):
-        raise ValueError("dz_and_dbias needs z with an activation, and neither without one")
     _dz_launch(dy, z, act, dz_out, sums, per)
     if sums is not None and ranges > 1:
         db = empty((1, n), dbias_dtype, dy.device)
