@@ -206,9 +206,11 @@ class GemmResult(NamedTuple):
 
 @triton.jit
 def _tile_coords(unit, num_pid_m, num_pid_n, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Work unit -> (tile row, tile column, K split); GROUP_M rows of tiles walk N together."""
-    tile = unit // SPLIT_K
-    split = unit - tile * SPLIT_K
+    """Work unit -> (tile row, tile column, K split): split by split (units that run together
+    share K ranges), GROUP_M rows of tiles walking N together."""
+    tiles = num_pid_m * num_pid_n
+    split = unit // tiles
+    tile = unit - split * tiles
     width = GROUP_M * num_pid_n
     first_m = (tile // width) * GROUP_M
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -640,7 +642,7 @@ class _Plan(NamedTuple):
     ws_shape: tuple  # the fp32 workspace of the splits' partial sums; () for none
     reduce: tuple  # reduce_splits_kernel's (grid, arguments after ws and out, constexprs,
     # offset of its output in C) when the splits are summed or cast by it; () otherwise
-    gluon_args: tuple = ()  # Gluon: units, dp_tiles, sk_splits, sk_steps, k_steps, ws_rows,
+    gluon_args: tuple = ()  # Gluon: units, dp_tiles, sk_steps, k_steps, ws_rows,
     # tail_row0, tail_col0 (see gemm_gluon_kernel)
 
 
@@ -782,7 +784,7 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
                       HAS_SK=split_tiles > 0, HAS_BIAS=has_bias, ACTIVATION=act,
                       SAVE_Z=save_z, GROUP_M=group_m, NUM_SMS=programs)
-    gluon_args = (units, dp, splits, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
+    gluon_args = (units, dp, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
     reduce = _reduce_launch(1, m, n, ws_rows, splits, origin, False) if split_tiles else ()
     grid = (programs, 1)
     return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), splits, 0,

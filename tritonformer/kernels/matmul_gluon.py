@@ -10,8 +10,9 @@ schedule, ``matmul.gemm`` launches it).
 Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
 plus TAIL_N more in a second accumulator (128 x 160 = 128 + 32): sizes that fill the 132 SMs
 in one wave where 128 x 256 cannot. The work units: the first dp_tiles tiles whole (all of
-K, stored to C), then every other tile's K in sk_splits pieces, each stored as fp32 partial
-sums to a workspace that ``matmul.reduce_splits_kernel`` adds up into C. Those split tiles
+K, stored to C), then every other tile's K in ``GluonSchedule.sk_splits`` pieces (all of
+those tiles' first pieces, then their second, ...), each stored as fp32 partial sums to a
+workspace that ``matmul.reduce_splits_kernel`` adds up into C. Those split tiles
 are whole rows of tiles (or, with the tiles in column order, whole columns) at the end of the
 order, so the workspace covers one block of C. dp_tiles = 0 is plain split-K; no split tiles,
 a plain GEMM.
@@ -58,21 +59,24 @@ PRODUCER_REGS = gl.constexpr(40)
 
 
 @gluon.jit
-def _unit(unit, M, N, dp_tiles, sk_splits, sk_steps, k_steps, TM: gl.constexpr,
+def _unit(unit, M, N, dp_tiles, sk_steps, k_steps, TM: gl.constexpr,
           TN: gl.constexpr, GROUP_M: gl.constexpr):
     """Work unit -> (first row, first column, first BK step, BK steps, split?, split index).
 
     Units below dp_tiles are whole tiles (all of K); the others split each remaining tile's K
-    into sk_splits pieces of sk_steps steps. Tiles in order, GROUP_M rows of tiles walking N
-    together (the order of ``matmul._tile_coords``)."""
-    sk = unit >= dp_tiles
-    u = gl.maximum(unit - dp_tiles, 0)
-    tile = gl.where(sk, dp_tiles + u // sk_splits, unit)
-    split = gl.where(sk, u % sk_splits, 0)
-    k0 = split * sk_steps
-    n_steps = gl.where(sk, gl.minimum(sk_steps, k_steps - k0), k_steps)
+    into pieces of sk_steps steps, piece by piece: the units that run together
+    share K ranges, so that their A and B blocks are read from DRAM once (at K ~ 50k, tile by
+    tile, each wave re-read them). Tiles in order, GROUP_M rows of tiles walking N together
+    (the order of ``matmul._tile_coords``)."""
     num_pid_m = gl.cdiv(M, TM)
     num_pid_n = gl.cdiv(N, TN)
+    sk = unit >= dp_tiles
+    u = gl.maximum(unit - dp_tiles, 0)
+    sk_tiles = gl.maximum(num_pid_m * num_pid_n - dp_tiles, 1)
+    tile = gl.where(sk, dp_tiles + u % sk_tiles, unit)
+    split = gl.where(sk, u // sk_tiles, 0)
+    k0 = split * sk_steps
+    n_steps = gl.where(sk, gl.minimum(sk_steps, k_steps - k0), k_steps)
     width = GROUP_M * num_pid_n
     first_m = (tile // width) * GROUP_M
     size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
@@ -118,7 +122,7 @@ def _add_bias(acc, bias_ptr, col0, N, WIDTH: gl.constexpr, layout: gl.constexpr)
 
 @gluon.jit
 def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N, units,
-              dp_tiles, sk_splits, sk_steps, k_steps, A_T: gl.constexpr, B_T: gl.constexpr,
+              dp_tiles, sk_steps, k_steps, A_T: gl.constexpr, B_T: gl.constexpr,
               BN: gl.constexpr, TAIL_N: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
               CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
     """The producer warp: stage c % STAGES takes the program's c-th BK step (counted over its
@@ -128,7 +132,7 @@ def _producer(a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M,
     tail_bytes: gl.constexpr = bt_desc.block_type.nbytes if TAIL_N > 0 else 0
     c = 0
     for unit in range(gl.program_id(0), units, NUM_SMS):
-        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_splits, sk_steps,
+        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_steps,
                                                k_steps, CONSUMERS * ROWS, BN + TAIL_N, GROUP_M)
         for ks in range(n_steps):
             s = c % STAGES
@@ -157,8 +161,8 @@ def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: g
     column - tail_col0) of the fp32 workspace. ``args``: the tensors and buffers
     gemm_gluon_kernel passes every consumer (W picks its staging buffers)."""
     (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
-     c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
-     sk_steps, k_steps, ws_rows, tail_row0, tail_col0) = args
+     c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_steps,
+     k_steps, ws_rows, tail_row0, tail_col0) = args
     c_smem = c_smem.index(W)
     ct_smem = ct_smem.index(W)
     w_smem = w_smem.index(W)
@@ -170,7 +174,7 @@ def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: g
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TAIL_N, 16])
     c = 0
     for unit in range(gl.program_id(0), units, NUM_SMS):
-        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_splits, sk_steps,
+        om, on, k0, n_steps, sk, split = _unit(unit, M, N, dp_tiles, sk_steps,
                                                k_steps, CONSUMERS * ROWS, BN + TAIL_N, GROUP_M)
         acc = gl.zeros([ROWS, BN], gl.float32, acc_layout)
         acc_t = acc
@@ -230,7 +234,7 @@ def gemm_gluon_kernel(
     bt_desc,  # TAIL_N > 0: B again, block [BK, TAIL_N] (B_T: [TAIL_N, BK]); else None
     c_desc,  # C (M, N), block [ROWS, BN] (HAS_DP; else w_desc again)
     ct_desc,  # TAIL_N > 0: C again, block [ROWS, TAIL_N]; else None
-    w_desc,  # HAS_SK: the fp32 workspace (sk_splits * ws_rows, N - tail_col0), block
+    w_desc,  # HAS_SK: the fp32 workspace (pieces * ws_rows, N - tail_col0), block
              # [ROWS, BN];
              # else c_desc again
     wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
@@ -238,9 +242,8 @@ def gemm_gluon_kernel(
     dt_desc,  # SAVE_Z and TAIL_N > 0: D again, block [ROWS, TAIL_N]; else None
     bias_ptr,  # HAS_BIAS: (N,) 16-bit, added in fp32 to every whole tile; else None
     M, N,
-    units,  # dp_tiles + (tiles - dp_tiles) * sk_splits
+    units,  # dp_tiles + (tiles - dp_tiles) * the K pieces of each other tile
     dp_tiles,  # the first tiles, each one unit over all of K
-    sk_splits,  # K pieces of each other tile (1 without those)
     sk_steps,  # BK steps per piece (the last may have fewer)
     k_steps,  # BK steps of K (TMA zero-fills past K)
     ws_rows,  # workspace rows per piece: the split tiles' rows, from C row tail_row0
@@ -297,8 +300,8 @@ def gemm_gluon_kernel(
     # the consumers' tensors and buffers in one tuple, their constexprs passed one by one (a
     # tuple built here turns constexprs into tensors); one warp_specialize per consumer count
     args = (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
-            c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_splits,
-            sk_steps, k_steps, ws_rows, tail_row0, tail_col0)
+            c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_steps,
+            k_steps, ws_rows, tail_row0, tail_col0)
     if CONSUMERS == 2:
         gl.warp_specialize(
             [(_consumer, (0, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
@@ -306,7 +309,7 @@ def gemm_gluon_kernel(
              (_consumer, (1, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
                           ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
-                          units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
+                          units, dp_tiles, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -318,7 +321,7 @@ def gemm_gluon_kernel(
              (_consumer, (2, args, A_T, B_T, BN, TAIL_N, STAGES, CONSUMERS, HAS_BIAS,
                           ACTIVATION, SAVE_Z, GROUP_M, NUM_SMS)),
              (_producer, (a_desc, b_desc, bt_desc, a_smem, b_smem, bt_smem, ready, empty, M, N,
-                          units, dp_tiles, sk_splits, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
+                          units, dp_tiles, sk_steps, k_steps, A_T, B_T, BN, TAIL_N,
                           BK, STAGES, CONSUMERS, GROUP_M, NUM_SMS))],
             [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, PRODUCER_REGS])
 
