@@ -18,6 +18,8 @@ from tritonformer.kernels.cross_entropy import CONFIG
 REDUCTIONS = ["mean", "sum", "none"]
 # More than one vocabulary block: the kernels' loop runs (3000 under the interpreter).
 MULTI_BLOCK_V = CONFIG["block_v"] + 952
+# Whole vocabulary blocks only: no tail block (the kernels mask columns only in a tail).
+WHOLE_BLOCKS_V = 2 * CONFIG["block_v"]
 
 
 def make_target(lead, v, ignore_index=-100, ignored=slice(1, None, 4), dtype=torch.int64):
@@ -62,7 +64,7 @@ def check_cross_entropy(lead, v, dtype, reduction="mean", label_smoothing=0.0, *
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("v", [5, 1000, MULTI_BLOCK_V])
+@pytest.mark.parametrize("v", [5, 1000, MULTI_BLOCK_V, WHOLE_BLOCKS_V])
 @pytest.mark.parametrize("n", [1, 7, 65])
 def test_cross_entropy(n, v, reduction, label_smoothing, dtype):
     check_cross_entropy((n,), v, dtype, reduction, label_smoothing)
@@ -191,13 +193,15 @@ def test_cross_entropy_sampled_check():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("per_row_grad", [False, True])
-def test_cross_entropy_fwd_bwd_kernel(dtype, label_smoothing, per_row_grad):
+@pytest.mark.parametrize("v", [MULTI_BLOCK_V, WHOLE_BLOCKS_V])
+def test_cross_entropy_fwd_bwd_kernel(dtype, label_smoothing, per_row_grad, v):
     """The fused kernel (the LM head's loss and dlogits in one pass, written in place) gives
     the separate forward and backward kernels' results: odd rows over several vocabulary
-    blocks, ignored rows, one out-of-range target (NaN loss and gradient row)."""
+    blocks (with and without a tail block), ignored rows, one out-of-range target (NaN loss
+    and gradient row)."""
     from tritonformer.kernels import cross_entropy as kce
 
-    n, v = 7, MULTI_BLOCK_V
+    n = 7
     logits = randn(n, v, dtype=dtype, scale=2.0)
     target = make_target((n,), v)
     target[2] = v  # out of range

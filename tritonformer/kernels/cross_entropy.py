@@ -54,6 +54,36 @@ def _rows(block, target_ptr, n_rows, n_cols, ignore_index, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _column_mask(active, start, cols, n_cols, FULL: tl.constexpr):
+    """The mask of the rows' columns [start, start + BLOCK_V): per row only for a block
+    inside the vocabulary (FULL), so that its loads and stores stay 16-byte vectors where a
+    per-column mask of an odd V (GPT-2's 50257) splits them into 2-byte accesses (H100, the
+    fused forward + backward of 2432 x 50257 bf16 logits in rows of 50304: 585 us with a
+    column mask everywhere, 267 us this way; V = 50304, no tail: 243 us)."""
+    if FULL:
+        return tl.broadcast_to(active[:, None], [active.shape[0], cols.shape[1]])
+    return active[:, None] & (start + cols < n_cols)
+
+
+@triton.jit
+def _lse_block(x_rows, start, cols, active, n_cols, m, s, x_sum, SMOOTH: tl.constexpr,
+               FULL: tl.constexpr):
+    """One block of the online logsumexp: (running max, sum of exponentials, sum of logits)
+    updated with columns [start, start + BLOCK_V)."""
+    mask = _column_mask(active, start, cols, n_cols, FULL)
+    x = tl.load(x_rows[:, None] + start + cols, mask=mask, other=float("-inf"))
+    x = x.to(tl.float32)
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    # Shift by 0 while the max is still -inf (ignored rows, chunks of only -inf), so
+    # that exp(-inf - -inf) = NaN never enters the sum.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    if SMOOTH:
+        x_sum += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    return m_new, s, x_sum
+
+
+@triton.jit
 def _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, lse_ptr,
           loss_ptr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr):
     """The rows' online logsumexp over the vocabulary and their loss, stored; returns lse."""
@@ -63,18 +93,12 @@ def _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     x_sum = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        mask = active[:, None] & (start + cols < n_cols)
-        x = tl.load(x_rows[:, None] + start + cols, mask=mask, other=float("-inf"))
-        x = x.to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        # Shift by 0 while the max is still -inf (ignored rows, chunks of only -inf), so
-        # that exp(-inf - -inf) = NaN never enters the sum.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        m = m_new
-        if SMOOTH:
-            x_sum += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    full_end = n_cols // BLOCK_V * BLOCK_V
+    for start in range(0, full_end, BLOCK_V):
+        m, s, x_sum = _lse_block(x_rows, start, cols, active, n_cols, m, s, x_sum, SMOOTH, True)
+    if full_end < n_cols:
+        m, s, x_sum = _lse_block(x_rows, full_end, cols, active, n_cols, m, s, x_sum, SMOOTH,
+                                 False)
     lse = m + tl.log(tl.where(active, s, 1.0))  # -inf for ignored rows, no log(0)
     loss = lse - x_target.to(tl.float32)
     if SMOOTH:
@@ -88,6 +112,21 @@ def _loss(x_rows, rows, target, active, bad, row_mask, n_cols, label_smoothing, 
 
 
 @triton.jit
+def _grad_block(x_rows, d_rows, start, cols, target, active, bad, row_mask, lse, g, n_cols,
+                label_smoothing, SMOOTH: tl.constexpr, FULL: tl.constexpr):
+    """dlogits of the rows' columns [start, start + BLOCK_V), read before written."""
+    x = tl.load(x_rows[:, None] + start + cols,
+                mask=_column_mask(active, start, cols, n_cols, FULL), other=0.0)
+    d = tl.exp(x.to(tl.float32) - lse[:, None])
+    if SMOOTH:
+        d -= label_smoothing / n_cols
+    d = tl.where(start + cols == target[:, None], d - (1.0 - label_smoothing), d) * g[:, None]
+    d = tl.where(bad[:, None], float("nan"), d)
+    tl.store(d_rows[:, None] + start + cols, d.to(d_rows.dtype.element_ty),
+             mask=_column_mask(row_mask, start, cols, n_cols, FULL))
+
+
+@triton.jit
 def _grad(x_rows, d_rows, rows, target, active, bad, row_mask, lse, grad_ptr, grad_stride,
           n_cols, label_smoothing, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr,
           REVERSE: tl.constexpr):
@@ -98,19 +137,19 @@ def _grad(x_rows, d_rows, rows, target, active, bad, row_mask, lse, grad_ptr, gr
     g = tl.load(grad_ptr + rows.to(tl.int64) * grad_stride, mask=active, other=0.0)
     lse = tl.where(active, lse, 0.0)
     cols = tl.arange(0, BLOCK_V)[None, :]
-    on_target = 1.0 - label_smoothing
-    n_blocks = tl.cdiv(n_cols, BLOCK_V)
-    for i in range(0, n_blocks):
-        start = (n_blocks - 1 - i if REVERSE else i) * BLOCK_V
-        in_row = start + cols < n_cols
-        x = tl.load(x_rows[:, None] + start + cols, mask=active[:, None] & in_row, other=0.0)
-        d = tl.exp(x.to(tl.float32) - lse[:, None])
-        if SMOOTH:
-            d -= label_smoothing / n_cols
-        d = tl.where(start + cols == target[:, None], d - on_target, d) * g[:, None]
-        d = tl.where(bad[:, None], float("nan"), d)
-        tl.store(d_rows[:, None] + start + cols, d.to(d_rows.dtype.element_ty),
-                 mask=row_mask[:, None] & in_row)
+    n_full = n_cols // BLOCK_V
+    if REVERSE:
+        if n_full * BLOCK_V < n_cols:
+            _grad_block(x_rows, d_rows, n_full * BLOCK_V, cols, target, active, bad, row_mask,
+                        lse, g, n_cols, label_smoothing, SMOOTH, False)
+    for i in range(0, n_full):
+        start = (n_full - 1 - i if REVERSE else i) * BLOCK_V
+        _grad_block(x_rows, d_rows, start, cols, target, active, bad, row_mask, lse, g, n_cols,
+                    label_smoothing, SMOOTH, True)
+    if not REVERSE:
+        if n_full * BLOCK_V < n_cols:
+            _grad_block(x_rows, d_rows, n_full * BLOCK_V, cols, target, active, bad, row_mask,
+                        lse, g, n_cols, label_smoothing, SMOOTH, False)
 
 
 @triton.jit
