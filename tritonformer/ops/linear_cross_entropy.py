@@ -50,6 +50,11 @@ from .cross_entropy import check_loss_args
 # logits) next to the 147 MiB fp32 weight-gradient accumulator.
 # The tests shrink the table to run many chunks on small shapes.
 CHUNK = {"logits_bytes": 256 << 20, "rows_multiple": 128}
+# Bytes a logits row (and the weight's rows, zero-padded) is padded to: TMA reads lines of
+# 128 bytes, and rows that start inside a line cost the head's GEMMs extra reads (H100,
+# 16384 x 768 with GPT-2's V = 50257 in bf16, fwd+bwd: padded to 50264, 9.93 ms of which 6.89
+# ms GEMMs; padded to 50304, 8.89 ms of which 6.07 ms GEMMs; docs/perf/matmul.md v10).
+LOGITS_ROW_ALIGN = 128
 
 
 def _parts(total: int, most: int, multiple: int) -> list[tuple[int, int]]:
@@ -79,7 +84,7 @@ def _lm_head_pass(
     Args:
         xc: (N, d) in the compute dtype.
         wc: (Vp, d) in the compute dtype, Vp >= n_classes; rows past n_classes are zero
-            (padding that makes a logits row 16 bytes long, for TMA).
+            (padding that makes a logits row a multiple of LOGITS_ROW_ALIGN bytes).
         t: (N,) contiguous int64/int32 targets.
         lse: (N,) fp32 logsumexp per row from an earlier pass; when given, the loss kernel
             is skipped and None is returned.
@@ -143,15 +148,16 @@ def _operands(
     x: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x as (N, d), weight as (Vp, d)) in the compute dtype (autocast's, else x's), the
-    weight zero-padded to a 16-byte logits row when V's row is not (a copy only then, or
-    when autocast casts)."""
+    weight zero-padded to a logits row of a multiple of LOGITS_ROW_ALIGN bytes when V's row
+    is not (a copy only then, or when autocast casts)."""
     dt = autocast_dtype() or x.dtype
     xc = x.reshape(-1, x.shape[-1]).to(dt)
     v, d = weight.shape
-    align = 16 // xc.element_size()
+    align = LOGITS_ROW_ALIGN // xc.element_size()
     if v % align == 0:
         return xc, weight.to(dt)
-    wc = torch.zeros(cdiv(v, align) * align, d, dtype=dt, device=weight.device)
+    wc = empty((cdiv(v, align) * align, d), dt, weight.device)
+    wc[v:].zero_()
     wc[:v].copy_(weight)
     return xc, wc
 
