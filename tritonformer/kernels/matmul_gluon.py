@@ -64,10 +64,10 @@ def _unit(unit, M, N, dp_tiles, sk_steps, k_steps, TM: gl.constexpr,
     """Work unit -> (first row, first column, first BK step, BK steps, split?, split index).
 
     Units below dp_tiles are whole tiles (all of K); the others split each remaining tile's K
-    into pieces of sk_steps steps, piece by piece: the units that run together
-    share K ranges, so that their A and B blocks are read from DRAM once (at K ~ 50k, tile by
-    tile, each wave re-read them). Tiles in order, GROUP_M rows of tiles walking N together
-    (the order of ``matmul._tile_coords``)."""
+    into pieces of sk_steps steps, piece by piece: the units that run together share K
+    ranges, so that their A and B blocks are read from DRAM once (at K ~ 50k, tile by tile,
+    each wave re-read them). Tiles in order, GROUP_M rows of tiles walking N together (the
+    order of ``matmul._tile_coords``)."""
     num_pid_m = gl.cdiv(M, TM)
     num_pid_n = gl.cdiv(N, TN)
     sk = unit >= dp_tiles
