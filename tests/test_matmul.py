@@ -449,6 +449,38 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
 
 @gpu
 @requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_gluon_activations_gpu(dtype, monkeypatch):
+    """A linear forward's bias and activation on the Gluon kernel's whole tiles, Z returned or
+    not: in its epilogue (GLUON_EPILOGUE_ACTIVATIONS) or by the separate pass over Z (exact
+    GELU), against float64 and torch's linear-then-activation."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMM needs sm_90")
+    t = km.GLUON_TILINGS[0]
+    for m, n, k in ((1000, 520, 776), (8192, 4096, 1024)):
+        tiles = -(-m // (64 * t.consumers)) * -(-n // (t.block_n + t.tail_n))
+        schedule = km.GluonSchedule(t, tiles, 1, False)
+        monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule, **__: s)
+        x, w, bias = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype), randn(n, dtype=dtype)
+        z64, z = x.double() @ w.double().t() + bias.double(), torch.addmm(bias, x, w.t())
+        for act, save_z in itertools.product(("relu", "gelu", "gelu_tanh"), (True, False)):
+            km._PLANS.clear()
+            c, d = km.gemm(x, w.t(), dtype, bias=bias, activation_name=act, save_z=save_z)
+            plan = next(iter(km._PLANS.values()))
+            assert plan.kernel is km.gemm_gluon_kernel
+            fused = act in km.GLUON_EPILOGUE_ACTIVATIONS
+            assert plan.activation_pass == (None if fused else act)
+            name = f"{m}x{n}x{k} {act} save_z={save_z} fused={fused}"
+            assert_close(c, reference.activation(z64, act), reference.activation(z, act), name)
+            if save_z:
+                assert_close(d, z64, z, name + " z")
+            else:
+                assert d is None
+    km._PLANS.clear()
+
+
+@gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_direct_launch_gpu(dtype):
     """After its first call, runtime.launch starts a compiled kernel through the C launch

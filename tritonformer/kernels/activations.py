@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import INTERPRET, empty, empty_like
+from ..runtime import INTERPRET, empty, empty_like, launch
 
 # Elements per program: large under the interpreter, which pays per program, not per element.
 BLOCK = 1 << 16 if INTERPRET else 4096
@@ -97,13 +97,18 @@ def activation_bwd_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def activation_into(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """y = activation(x): launch ``activation_fwd_kernel`` on contiguous x and y of the same
+    number of elements (y of any float dtype)."""
+    n = x.numel()
+    launch(activation_fwd_kernel, triton.cdiv(n, BLOCK), (x, y, n),
+           dict(ACTIVATION=name, BLOCK=BLOCK), num_warps=NUM_WARPS)
+
+
 def activation_fwd(x: torch.Tensor, name: str, out_dtype: torch.dtype) -> torch.Tensor:
     """Launch ``activation_fwd_kernel`` on a contiguous tensor; returns y shaped like x."""
     y = empty(x.shape, out_dtype, x.device)
-    n = x.numel()
-    activation_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-        x, y, n, ACTIVATION=name, BLOCK=BLOCK, num_warps=NUM_WARPS
-    )
+    activation_into(x, y, name)
     return y
 
 

@@ -21,7 +21,8 @@ use IEEE products, or, when TF32 is allowed, TF32 tensor cores fed operands roun
 
 On sm_90 a 2-D product of 16-bit operands into a 16-bit C runs
 ``matmul_gluon.gemm_gluon_kernel`` instead, warp-specialised, with the tiles and K splits of
-``gluon_tiling`` (a bias or activation on whole tiles only); the TMA kernel there serves the
+``gluon_tiling`` (a bias or activation on whole tiles only; exact GELU by a separate
+elementwise pass over Z, see GLUON_EPILOGUE_ACTIVATIONS); the TMA kernel there serves the
 rest (fp32, an fp32 C, accumulation into C, batched products).
 
 Both split K across programs when the output has too few tiles to fill the GPU (the
@@ -63,7 +64,7 @@ from ..runtime import (
     launch,
     num_sms,
 )
-from .activations import activation, activation_grad
+from .activations import activation, activation_grad, activation_into
 from .matmul_gluon import descriptor as gluon_descriptor
 from .matmul_gluon import gemm_gluon_kernel
 
@@ -176,6 +177,13 @@ GLUON_TILINGS = (
     GluonTiling(2, 128, 0, 4, speed=1.01),  # room to stage whole and split tiles both
 )
 GLUON_MAX_WAVES = 2
+# The activations the Gluon kernel applies in its epilogue; the others (exact GELU) go
+# through a separate elementwise pass over Z (``activations.activation_into``). Both consumer
+# warpgroups finish a tile together, so its epilogue is not hidden behind wgmmas, and erf
+# there is latency-bound (the accumulator holds most of the registers; it spills): on the
+# H100, bf16, 8192 x 4096 x 1024 with a bias and Z saved (410m's fc forward), exact GELU in
+# the epilogue took 380 us, GELU (tanh) 152 us, none 105 us (docs/perf/matmul.md v11).
+GLUON_EPILOGUE_ACTIVATIONS = ("none", "relu", "gelu_tanh")
 GLUON_SMEM = 227 * 1024 - 1024  # the SM's shared memory, less the barriers
 
 # Split-K cost model (units: one BLOCK_K step of one 128 x 256 tile): each wave of split
@@ -644,6 +652,8 @@ class _Plan(NamedTuple):
     # offset of its output in C) when the splits are summed or cast by it; () otherwise
     gluon_args: tuple = ()  # Gluon: units, dp_tiles, sk_steps, k_steps, ws_rows,
     # tail_row0, tail_col0 (see gemm_gluon_kernel)
+    activation_pass: str | None = None  # Gluon: the kernel writes Z and this activation is
+    # applied by a separate elementwise pass (not in GLUON_EPILOGUE_ACTIVATIONS); else None
 
 
 def _reduce_launch(n_mats: int, m: int, n: int, rows: int, splits: int, origin: tuple[int, int],
@@ -743,7 +753,8 @@ def _make_plan(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, has_bia
 def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule, sms: int,
                 has_bias: bool, act: str, save_z: bool) -> _Plan:
     """The plan of a 2-D product through ``matmul_gluon.gemm_gluon_kernel`` by ``schedule``
-    (with a bias or an activation: whole tiles only).
+    (with a bias or an activation: whole tiles only; an activation not in
+    GLUON_EPILOGUE_ACTIVATIONS is left to a separate pass over the kernel's Z).
     The split tiles' K pieces go to an fp32 workspace, one (rows, columns) block per piece
     covering those tiles, which ``reduce_splits_kernel`` sums (in a fixed order:
     deterministic) into C from the first split tile on."""
@@ -765,10 +776,11 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
         return shape, strides, [cols, rows] if transposed else [rows, cols]
 
     ws_shape = (splits * ws_rows, n - origin[1]) if split_tiles else ()
+    fused = act in GLUON_EPILOGUE_ACTIVATIONS
     targets = {"c": (m, n)} if dp else {}
     if split_tiles:
         targets["ws"] = ws_shape
-    if save_z:
+    if save_z and fused:
         targets["d"] = (m, n)
     # per output (C, the workspace, D): its descriptors' (shape, strides, block) and the
     # tail's (or None)
@@ -782,14 +794,15 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
     group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
     constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
-                      HAS_SK=split_tiles > 0, HAS_BIAS=has_bias, ACTIVATION=act,
-                      SAVE_Z=save_z, GROUP_M=group_m, NUM_SMS=programs)
+                      HAS_SK=split_tiles > 0, HAS_BIAS=has_bias,
+                      ACTIVATION=act if fused else "none", SAVE_Z=save_z and fused,
+                      GROUP_M=group_m, NUM_SMS=programs)
     gluon_args = (units, dp, cdiv(k_steps, splits), k_steps, ws_rows, *origin)
     reduce = _reduce_launch(1, m, n, ws_rows, splits, origin, False) if split_tiles else ()
     grid = (programs, 1)
     return _Plan(gemm_gluon_kernel, True, False, (1, 1, 1, m, n, k), (m, n), splits, 0,
                  ws_rows, False, descs, grid, constexprs, dict(num_warps=4),
-                 next(_LAUNCH_IDS), ws_shape, reduce, gluon_args)
+                 next(_LAUNCH_IDS), ws_shape, reduce, gluon_args, None if fused else act)
 
 
 #: launch plans by (shapes, strides, dtypes, alignment, options): a training step repeats the
@@ -880,7 +893,10 @@ def gemm(
     launch_key = plan.launch_id
     if plan.kernel is gemm_gluon_kernel:
         sa, sb, sbt, outs = plan.descs
-        tensors = {"c": c, "ws": ws, "d": d}
+        z = None
+        if plan.activation_pass:  # the kernel's C is Z (D when it is returned)
+            z = d if save_z else empty(plan.out_shape, out_dtype, dev)
+        tensors = {"c": c if z is None else z, "ws": ws, "d": d}
         descs = {name: (gluon_descriptor(tensors[name], *main),
                         tail and gluon_descriptor(tensors[name], *tail))
                  for name, (main, tail) in outs.items()}
@@ -892,6 +908,8 @@ def gemm(
                 *plan.gluon_args)
         launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
+        if z is not None:
+            activation_into(z, c, plan.activation_pass)
     elif plan.tma:
         a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
         (sa, sb, out_block) = plan.descs
