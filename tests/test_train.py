@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ON_GPU
+from helpers import ON_GPU, gpu, requires_gpu
 from tritonformer import checkpoint as ckpt
 from tritonformer.cli import main
 from tritonformer.train import read_metrics
@@ -326,13 +326,49 @@ def test_cuda_graphs_train_like_eager(tmp_path, corpus, capsys):
         err = one_line_error(capsys, *common, "--cuda-graphs", "--out-dir", tmp_path / "g")
         assert "cuda_graphs needs one process on a CUDA device" in err
         return
-    common += ["--grad-accum", "2"]  # replays add into the gradients the graph owns
-    assert run_cli(*common, "--out-dir", tmp_path / "eager") == 0
-    assert run_cli(*common, "--cuda-graphs", "--out-dir", tmp_path / "graphs") == 0
-    le, lg = losses(tmp_path / "eager"), losses(tmp_path / "graphs")
-    assert le.keys() == lg.keys() == {1, 2, 3}
-    for s in le:
-        assert abs(le[s] - lg[s]) <= 1e-2 * abs(le[s]), (s, le[s], lg[s])
+    # one micro-step: the replays write the gradients; two: they add into them
+    for accum in ("1", "2"):
+        args = [*common, "--grad-accum", accum]
+        assert run_cli(*args, "--out-dir", tmp_path / f"eager{accum}") == 0
+        assert run_cli(*args, "--cuda-graphs", "--out-dir", tmp_path / f"graphs{accum}") == 0
+        le, lg = losses(tmp_path / f"eager{accum}"), losses(tmp_path / f"graphs{accum}")
+        assert le.keys() == lg.keys() == {1, 2, 3}
+        for s in le:
+            assert abs(le[s] - lg[s]) <= 1e-2 * abs(le[s]), (accum, s, le[s], lg[s])
+
+
+@gpu
+@requires_gpu
+def test_graphed_step_gradients_gpu():
+    """A replay's gradients are eager's: written (accumulate=False; twice gives the same, and
+    they come back after zero_grad(set_to_none=True)) or added (accumulate=True: two replays
+    give twice)."""
+    from tritonformer.model import Transformer, TransformerConfig
+    from tritonformer.train import GraphedStep
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.preset("tiny")).cuda()
+    idx = torch.randint(0, model.config.vocab_size, (2, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(idx, idx)[1].backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+
+    def check(factor, what):
+        for (name, p), g in zip(model.named_parameters(), eager, strict=True):
+            torch.testing.assert_close(p.grad, factor * g, rtol=2e-2, atol=1e-4,
+                                       msg=lambda m, name=name: f"{what} {name}: {m}")
+
+    for accumulate in (False, True):
+        model.zero_grad(set_to_none=True)
+        step = GraphedStep(model, 2, 32, torch.bfloat16, accumulate=accumulate)
+        step(idx, idx)
+        check(1.0, f"accumulate={accumulate}, one replay")
+        step(idx, idx)
+        check(2.0 if accumulate else 1.0, f"accumulate={accumulate}, two replays")
+        if not accumulate:
+            model.zero_grad(set_to_none=True)
+            step(idx, idx)
+            check(1.0, "after set_to_none")
 
 
 def test_graphed_step_refuses_what_a_graph_cannot_replay():

@@ -49,17 +49,16 @@ def _model(provider: str, cfg: TransformerConfig) -> torch.nn.Module:
 
 def _train_step(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype,
                 graphed: GraphedStep | None = None) -> None:
-    """Forward + backward of one batch under autocast; gradients dropped (zeroed in place for
-    a graph, which owns them) afterwards. The value checks' device syncs are off, as in the
-    trainer (its data is checked once)."""
+    """Forward + backward of one batch under autocast; gradients dropped afterwards (a graph
+    writes them, as a backward into gradients set to None does). The value checks' device
+    syncs are off, as in the trainer (its data is checked once)."""
     if graphed is not None:
         graphed(idx, idx)
-        torch._foreach_zero_([p.grad for p in model.parameters()])
-        return
-    with no_value_checks():
-        with torch.autocast("cuda", dtype=dtype):
-            loss = model(idx, idx)[1]
-        loss.backward()
+    else:
+        with no_value_checks():
+            with torch.autocast("cuda", dtype=dtype):
+                loss = model(idx, idx)[1]
+            loss.backward()
     for p in model.parameters():
         p.grad = None
 
@@ -75,7 +74,8 @@ def bench_config(preset: str, T: int, B: int, dtype: torch.dtype,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         # a graph's memory pool is allocated during its capture: the peak counts from there
-        graphed = GraphedStep(model, B, T, dtype) if provider.endswith("graphs") else None
+        graphed = (GraphedStep(model, B, T, dtype, accumulate=False)
+                   if provider.endswith("graphs") else None)
         step = functools.partial(_train_step, model, idx, dtype, graphed)
         step()  # compile / autotune outside the timing
         torch.cuda.synchronize()
