@@ -240,7 +240,7 @@ def gemm_gluon_kernel(
     wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
     d_desc,  # SAVE_Z: D (M, N), C's dtype, block [ROWS, BN]; else None
     dt_desc,  # SAVE_Z and TAIL_N > 0: D again, block [ROWS, TAIL_N]; else None
-    bias_ptr,  # HAS_BIAS: (N,) 16-bit, added in fp32 to every whole tile; else None
+    bias_ptr,  # HAS_BIAS: (N,) any float dtype, added in fp32 to every whole tile; else None
     M, N,
     units,  # dp_tiles + (tiles - dp_tiles) * the K pieces of each other tile
     dp_tiles,  # the first tiles, each one unit over all of K

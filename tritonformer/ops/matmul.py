@@ -221,9 +221,9 @@ def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tenso
     activation's input Z = x W^T + b included (ctx None: no graph is recorded, nothing is
     saved)."""
     dt = _compute_dtype(x)
-    xc, wc, bc = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
+    xc, wc = _cast(x, dt), _cast(weight, dt)  # the bias is read in its own dtype, into fp32
     x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
-    y2, z = gemm(x2, wc.t(), dt, bias=bc, activation_name=activation,
+    y2, z = gemm(x2, wc.t(), dt, bias=bias, activation_name=activation,
                  save_z=ctx is not None and activation is not None)
     if ctx is not None:
         need_x, need_w = ctx.needs_input_grad[:2]
