@@ -273,7 +273,8 @@ def linear(
         weight: (out_features, in_features), torch's layout; read in place (no transpose copy).
         bias: optional (out_features,).
         activation: None, "relu", "gelu" (erf) or "gelu_tanh", applied to the fp32
-            accumulator in the GEMM's epilogue.
+            accumulator in the GEMM's epilogue (on sm_90's 16-bit path, exact GELU by a
+            separate pass over Z in the output dtype, as torch's linear then gelu does).
 
     Returns:
         (..., out_features), contiguous, in the inputs' dtype (which must match outside
