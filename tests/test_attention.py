@@ -287,6 +287,39 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
         torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5, msg=case)
 
 
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_bwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
+    """On sm_90 the 16-bit backward without ALiBi at D 64/128 is the Gluon kernel (checked
+    against float64 by test_attention_gpu and test_attention_packed_gpu): the Triton kernels
+    it replaces there give the same gradients, at every tiling of GLUON_BWD's kind (tails of
+    query and key blocks, Sq < Skv and Sq > Skv, Sq = 1, full and causal, several heads)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon backward runs on sm_90 only")
+    tilings = [ka.GLUON_BWD[d], (64, 64, 1, 1), (64, 128, 2, 2)]
+    for b, h, sq, skv, causal in [(2, 3, 100, 100, True), (1, 2, 333, 333, False),
+                                  (2, 2, 65, 1000, True), (1, 4, 1, 500, True),
+                                  (2, 2, 200, 130, True), (1, 2, 1, 1, True),
+                                  (1, 2, 1100, 1100, False), (3, 16, 700, 650, True)]:
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
+        do = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+        scale = d**-0.5
+        out, lse = ka.attention_fwd(q, k, v, None, causal, scale, False)
+        monkeypatch.setattr(ka, "GLUON_BWD", None)
+        want = ka.attention_bwd(do, q, k, v, out, lse, None, causal, scale, False)
+        for tiling in tilings:
+            monkeypatch.setattr(ka, "GLUON_BWD", {d: tiling})
+            got = ka.attention_bwd(do, q, k, v, out, lse, None, causal, scale, False)
+            case = f"B{b} H{h} Sq{sq} Skv{skv} causal={causal} tiling={tiling}"
+            for name, g, w in zip("qkv", got, want, strict=True):
+                assert not g.isnan().any(), f"{case} d{name}"
+                assert rel_err(g, w) <= roundoff(dtype), f"{case} d{name}: {rel_err(g, w):.2e}"
+        monkeypatch.undo()
+
+
 def test_launch_key_tells_descriptors_apart():
     """runtime.launch keeps one compiled kernel per specialisation; the Gluon forward's
     arguments are TMA descriptors, which Triton compiles per element type and box."""
@@ -367,10 +400,13 @@ def unpack(qkv):
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
-def dq_exact(d, dtype, causal):
-    """Whether dQ comes out bitwise the same from two runs: not when the dK/dV kernel sums it
-    by TMA reduce-adds (compiled, ``dq_atomic``), whose order varies."""
-    return INTERPRET or not ka.config_for(d, dtype, causal)[1].dq_atomic
+def dq_exact(d, dtype, causal, slopes):
+    """Whether dQ comes out bitwise the same from two runs: not when a kernel sums it by TMA
+    reduce-adds (compiled: the Triton dK/dV kernel with ``dq_atomic``, or the Gluon backward),
+    whose order varies."""
+    gluon = ka.gluon_bwd_tiling(d, ka._alibi_mode(slopes, causal, dtype), dtype,
+                                torch.device(DEVICE)) is not None
+    return INTERPRET or not (ka.config_for(d, dtype, causal)[1].dq_atomic or gluon)
 
 
 @contextlib.contextmanager
@@ -398,7 +434,7 @@ def check_attention_packed(b, s, h, d, dtype, causal, alibi, deterministic=False
         out.backward(dout)
         out_u = ops.attention(*unpack(qkv_u), causal=causal, alibi_slopes=slopes).transpose(1, 2)
         out_u.backward(dout)
-        exact = dq_exact(d, dtype, causal)
+        exact = dq_exact(d, dtype, causal, slopes)
 
     qkv64 = f64(qkv)
     out64 = reference.attention_packed(qkv64, causal, slopes.double().cpu() if alibi else None)
@@ -542,16 +578,17 @@ def test_attention_packed_bad_input():
         ops.attention_packed(qkv, alibi_slopes=ops.alibi_slopes(2).half())
 
 
-def check_bwd_into_views(b, h, s, d, dtype, deterministic) -> bool:
+def check_bwd_into_views(b, h, s, d, dtype, deterministic, alibi=True) -> bool:
     """attention_bwd writing into the caller's (dq, dk, dv): (B, H, S, D) views of rows padded
     past D, heads interleaved. They get the gradients it allocates itself, and nothing else
     of their buffer is written. Returns whether dQ took the reduce-adds path."""
     q, k, v, do = (randn(b, h, s, d, dtype=dtype) for _ in range(4))
-    slopes, scale = ops.alibi_slopes(h), d**-0.5
+    slopes, scale = ops.alibi_slopes(h) if alibi else None, d**-0.5
     buf = torch.full((3, b, s, h, d + 8), 7.0, dtype=dtype, device=DEVICE)
     grads = tuple(t[..., :d].transpose(1, 2) for t in buf)
     with deterministic_algorithms(deterministic):
-        atomic = ka.config_for(d, dtype, True)[1].dq_atomic
+        atomic = ka.config_for(d, dtype, True)[1].dq_atomic or ka.gluon_bwd_tiling(
+            d, ka._alibi_mode(slopes, True, dtype), dtype, q.device) is not None
         out, lse = ka.attention_fwd(q, k, v, slopes, True, scale, False)
         want = ka.attention_bwd(do, q, k, v, out, lse, slopes, True, scale, False)
         got = ka.attention_bwd(do, q, k, v, out, lse, slopes, True, scale, False, grads=grads)
@@ -594,5 +631,6 @@ def test_attention_packed_gpu(b, s, h, d, dtype, causal, alibi):
 @requires_gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
-def test_attention_bwd_into_strided_views_gpu(d, deterministic):
-    check_bwd_into_views(2, 12, 1024, d, torch.bfloat16, deterministic)
+@pytest.mark.parametrize("alibi", [False, True])
+def test_attention_bwd_into_strided_views_gpu(d, deterministic, alibi):
+    check_bwd_into_views(2, 12, 1024, d, torch.bfloat16, deterministic, alibi)

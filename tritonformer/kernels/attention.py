@@ -111,6 +111,14 @@ GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, in
     (128, False): [(None, (128, 128, 2, 2))],
     (128, True): [(None, (128, 128, 2, 2))],
 }
+# The Gluon backward (attention_gluon.attn_bwd_gluon_kernel) replaces the dK/dV and dQ kernels
+# above on sm_90 for fp16/bf16 without ALiBi, outside deterministic mode (dQ is reduce-added),
+# at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16 warps. None
+# turns it off.
+GLUON_BWD: dict[int, tuple[int, int, int, int]] | None = {
+    64: (64, 64, 2, 2),
+    128: (64, 128, 1, 2),
+}
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
 DELTA_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) and dQ-conversion kernels
 
@@ -633,6 +641,16 @@ def gluon_tiling(head_dim: int, alibi: int, skv: int) -> tuple[int, int, int, in
     return None
 
 
+def gluon_bwd_tiling(head_dim: int, alibi: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[int, int, int, int] | None:
+    """The Gluon backward's tiling from ``GLUON_BWD``; None where it does not run (ALiBi,
+    fp32, other head dims, deterministic mode, not sm_90, the interpreter)."""
+    if (GLUON_BWD is None or alibi != 0 or dtype == torch.float32
+            or torch.are_deterministic_algorithms_enabled() or not is_hopper(device)):
+        return None
+    return GLUON_BWD.get(head_dim)
+
+
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None, causal: bool,
     scale: float, allow_tf32: bool,
@@ -665,6 +683,14 @@ def attention_fwd(
     return out, lse
 
 
+def _dq_convert(dq_acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
+    """dq = scale * dq_acc (fp32 contiguous (B, H, Sq, D)) in dq's dtype and strides."""
+    B, H, SQ, D = dq.shape
+    launch(attn_bwd_dq_convert_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
+           (dq_acc, dq, *dq.stride(), H, SQ, scale),
+           dict(HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=DELTA_BLOCK_M))
+
+
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, slopes: torch.Tensor | None, causal: bool, scale: float, allow_tf32: bool,
@@ -695,6 +721,14 @@ def attention_bwd(
         grads = (empty(q.shape, q.dtype, q.device), heads_interleaved(k.shape, q.dtype, q.device),
                  heads_interleaved(v.shape, q.dtype, q.device))  # fmt: skip
     dq, dk, dv = grads
+    tiling = gluon_bwd_tiling(D, alibi, q.dtype, q.device)
+    if tiling is not None:
+        from .attention_gluon import attention_bwd_gluon
+
+        dq_acc = torch.zeros((B, H, SQ, D), dtype=torch.float32, device=q.device)
+        attention_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, causal, scale, *tiling)
+        _dq_convert(dq_acc, dq, scale)
+        return dq, dk, dv
     desc_q = _desc(q, cfg.block_m, BD)
     dq_acc, desc_dq = lse, desc_q  # placeholders unless the dK/dV kernel accumulates dQ
     tma_reduce = not INTERPRET  # the interpreter has no TMA reduce: atomics on pointers
@@ -710,9 +744,7 @@ def attention_bwd(
             DOT_PRECISION=precision),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.dq_atomic:
-        launch(attn_bwd_dq_convert_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
-               (dq_acc, dq, *dq.stride(), H, SQ, scale),
-               dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
+        _dq_convert(dq_acc, dq, scale)
     else:
         bm, bn = cfg.dq_block_m, cfg.dq_block_n
         launch(attn_bwd_dq_kernel, (triton.cdiv(SQ, bm), B * H), (

@@ -40,8 +40,10 @@ import functools
 
 import torch
 import triton
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -528,11 +530,12 @@ def attn_fwd_gluon_ws_kernel(
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
 @functools.cache
 def _layout(rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for(
-        [1, 1, rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    )
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], _GL_DTYPES[dtype])
 
 
 def _gluon_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -584,3 +587,204 @@ def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tenso
         launch(attn_fwd_gluon_ws_kernel, programs, (*args, n_tiles, counter), constexprs,
                num_warps=4)
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@builtin
+def _tma_reduce_add(desc, coord, src, _semantic=None):
+    """TMA reduce-add of shared memory ``src`` into the global box of ``desc`` at ``coord``
+    (fp32 adds in L2). Triton 3.6's Gluon exposes no reduce for Hopper's TMA, but its builder
+    makes the op (``cp.reduce.async.bulk.tensor``) that ``tl``'s descriptor ``atomic_add`` is
+    lowered to. Completes like a TMA store (``tma.store_wait``)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord,
+                                              src.handle)
+
+
+@gluon.jit
+def _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, it, n_iter, m_first, off_b, off_h,
+               BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of the Q and dO blocks of iteration it (query block m_first + it) into stage
+    it % STAGES, on one barrier (skipped past the last iteration)."""
+    slot = it % STAGES
+    pred = it < n_iter
+    bar = bars.index(slot)
+    row = (m_first + it) * BLOCK_M
+    mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes, pred)
+    tma.async_copy_global_to_shared(desc_q, [off_b, off_h, row, 0], bar, q_smem.index(slot), pred)
+    tma.async_copy_global_to_shared(desc_do, [off_b, off_h, row, 0], bar, do_smem.index(slot),
+                                    pred)
+
+
+@gluon.jit
+def attn_bwd_gluon_kernel(
+    desc_q, desc_do,  # forward queries, output gradient: (B, H, SQ, D), box [1, 1, BLOCK_M, D]
+    desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, D]
+    desc_dk, desc_dv,  # their gradients (written), (B, H, SKV, D), box [1, 1, BLOCK_N, D]
+    desc_dq,  # fp32 dS K accumulator, zero-filled, (B, H, SQ, D), box [1, 1, BLOCK_M, D]
+    LSE,  # forward logsumexp (base 2), fp32, contiguous (B, H, SQ)
+    DELTA,  # rowsum(dO * O), fp32, contiguous (B, H, SQ)
+    H, SQ, SKV,
+    qk_scale,  # softmax scale * log2(e)
+    scale,  # softmax scale
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,  # query rows per iteration
+    BLOCK_N: gl.constexpr,  # keys per program, 64 per warpgroup
+    STAGES: gl.constexpr,  # Q / dO blocks in flight
+    DQ_BUFS: gl.constexpr,  # dQ staging buffers (1 or 2) for the reduce-adds
+    CAUSAL: gl.constexpr,
+):
+    """dK and dV of one key block of one (batch, head), and its share of dQ (reduce-added).
+    Grid (cdiv(SKV, BLOCK_N), B * H), BLOCK_N // 16 warps. Works on transposed tiles (keys x
+    queries), each warpgroup on 64 keys; per query block (issued async, waited in order):
+
+        S^T = K Q^T, dP^T = V dO^T   |  P^T = exp2(S^T * qk_scale - lse)   (dP^T still running)
+        dV += P^T dO                 |  dS^T = P^T (dP^T - delta)           (dV still running)
+        dK += dS^T Q, dQ_part = dS K (dS^T through shared memory, both warpgroups' keys)
+
+    then dQ_part is reduce-added into desc_dq by TMA from one of DQ_BUFS shared buffers. Under
+    the causal mask the query blocks before the first that sees a key are skipped; blocks
+    that cross the diagonal, and key blocks with a tail, are masked."""
+    dtype: gl.constexpr = desc_q.dtype
+    WARPS: gl.constexpr = BLOCK_N // 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    # dQ [BLOCK_M, D]: the warpgroups split its rows if there are enough, else its columns
+    DQ_WM: gl.constexpr = min(WARPS, BLOCK_M // 16)
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[DQ_WM, WARPS // DQ_WM],
+        instr_shape=[16, HEAD_DIM // (WARPS // DQ_WM), 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+
+    n0 = gl.program_id(0) * BLOCK_N
+    off_bh = gl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    diag = SKV - SQ
+    n_qb = gl.cdiv(SQ, BLOCK_M)
+    m_first = 0
+    if CAUSAL:  # rows i >= n0 - diag see some key of the block
+        m_first = gl.minimum(gl.maximum(n0 - diag, 0) // BLOCK_M, n_qb)
+    n_iter = n_qb - m_first
+    # query blocks starting before this row cross the diagonal (all of them if keys have a tail)
+    full_from = 0
+    if CAUSAL:
+        full_from = n0 + BLOCK_N - 1 - diag
+    if n0 + BLOCK_N > SKV:
+        full_from = SQ
+
+    k_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_DIM], desc_v.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
+                                        desc_do.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, 1, 1, BLOCK_M, HEAD_DIM],
+                                        desc_dq.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+
+    mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc_k, [off_b, off_h, n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(desc_v, [off_b, off_h, n0, 0], kv_bar, v_smem)
+    for i in gl.static_range(STAGES):
+        _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, i, n_iter, m_first, off_b, off_h,
+                   BLOCK_M, STAGES)
+
+    row_off = off_bh.to(gl.int64) * SQ
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    # LSE and delta are loaded a few elements per thread, then spread to the scores' columns
+    offs_v = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    mbarrier.wait(kv_bar, 0)
+    for it in range(n_iter):
+        slot = it % STAGES
+        start_m = (m_first + it) * BLOCK_M
+        mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+        q2 = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do2 = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        s_tok = warpgroup_mma(k2, q2.permute([1, 0]), s_zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v2, do2.permute([1, 0]), s_zero, use_acc=False, is_async=True)
+        rows = start_m + offs_m
+        lse = gl.convert_layout(
+            gl.load(LSE + row_off + start_m + offs_v, mask=start_m + offs_v < SQ,
+                    other=float("inf")), gl.SliceLayout(0, s_layout))
+        delta = gl.convert_layout(
+            gl.load(DELTA + row_off + start_m + offs_v, mask=start_m + offs_v < SQ, other=0.0),
+            gl.SliceLayout(0, s_layout))
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        pT = gl.exp2(s * qk_scale - lse[None, :])
+        if start_m < full_from:
+            keep = (n0 + offs_n)[:, None] < SKV
+            if CAUSAL:
+                keep = keep & ((n0 + offs_n)[:, None] <= rows[None, :] + diag)
+            pT = gl.where(keep, pT, 0.0)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = (pT * (dp - delta[None, :])).to(dtype)
+        dv_tok = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do2, dv,
+                               is_async=True)
+        dk_tok = warpgroup_mma(gl.convert_layout(ds, op_layout), q2, dk, is_async=True)
+        ds_smem.store(ds)
+        fence_async_shared()
+        gl.thread_barrier()  # every warpgroup's keys of dS^T are in shared memory
+        dq_tok = warpgroup_mma(ds_smem.permute([1, 0]), k2, dq_zero, use_acc=False,
+                               is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
+        buf = dq_smem.index(it % DQ_BUFS)
+        tma.store_wait(DQ_BUFS - 1)  # the last reduce from this buffer has read it
+        gl.thread_barrier()  # ... and every warp is done reading stage `slot` and dS^T
+        _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, it + STAGES, n_iter, m_first, off_b,
+                   off_h, BLOCK_M, STAGES)
+        buf.reshape([BLOCK_M, HEAD_DIM]).store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(desc_dq, [off_b, off_h, start_m, 0], buf)
+
+    # dK, dV through the key and value buffers (no longer read) to their gradients
+    k2.store((dk * scale).to(dtype))
+    v2.store(dv.to(dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(desc_dk, [off_b, off_h, n0, 0], k_smem)
+    tma.async_copy_shared_to_global(desc_dv, [off_b, off_h, n0, 0], v_smem)
+    tma.store_wait(0)
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+def attention_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, causal: bool, scale: float,
+                        block_m: int, block_n: int, stages: int, dq_bufs: int) -> None:
+    """dK, dV (written) and dS K (reduce-added into dq_acc) through ``attn_bwd_gluon_kernel``
+    on an sm_90 device.
+
+    do, q (B, H, Sq, D); k, v, dk, dv (B, H, Skv, D): bf16 or fp16, D 64 or 128, layouts TMA
+    can read; lse, delta fp32 contiguous (B, H, Sq); dq_acc fp32 contiguous (B, H, Sq, D),
+    zero-filled. block_m, block_n, stages, dq_bufs: the tiling (``attention.gluon_bwd_tiling``).
+    """
+    B, H, SQ, D = q.shape
+    SKV = k.shape[2]
+    launch(attn_bwd_gluon_kernel, (triton.cdiv(SKV, block_n), B * H), (
+        _gluon_desc(q, block_m), _gluon_desc(do, block_m), _gluon_desc(k, block_n),
+        _gluon_desc(v, block_n), _gluon_desc(dk, block_n), _gluon_desc(dv, block_n),
+        _gluon_desc(dq_acc, block_m), lse, delta, H, SQ, SKV, scale * LOG2E, scale,
+    ), dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, DQ_BUFS=dq_bufs,
+            CAUSAL=causal),
+        num_warps=block_n // 16)
