@@ -7,7 +7,7 @@ made on the host (TMA on Hopper; boxes [1, 1, rows, BLOCK_D]), so a program sets
 they zero-fill rows past Sq/Skv and columns past D (stores are clipped there), so D is padded
 to the power of two BLOCK_D without any masked load. On sm_90 the fp16/bf16 forward at D 64
 and 128 runs the Gluon kernel of attention_gluon.py instead (``GLUON_FWD``), which overlaps
-the softmax with the tensor cores; the backward is always the kernels here.
+the softmax with the tensor cores, and so does the backward without ALiBi (``GLUON_BWD``).
 
 Conventions shared by every kernel here (log2 domain: exp2 with log2(e) folded into scales):
 - diag = Skv - Sq: query i sees keys j <= i + diag when causal (the mask aligned bottom-right).
@@ -113,10 +113,12 @@ GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, in
 }
 # The Gluon backward (attention_gluon.attn_bwd_gluon_kernel) replaces the dK/dV and dQ kernels
 # above on sm_90 for fp16/bf16 without ALiBi, outside deterministic mode (dQ is reduce-added),
-# at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16 warps. None
-# turns it off.
+# at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16 warps. Swept
+# on the H100 at the model benchmark's shapes (docs/perf/attention.md, v8): D64 one
+# warpgroup per program, two programs per SM; D128 two warpgroups over 128 keys, one program
+# per SM (64 keys per program spill more and lose the shared loads). None turns it off.
 GLUON_BWD: dict[int, tuple[int, int, int, int]] | None = {
-    64: (64, 64, 2, 2),
+    64: (64, 64, 3, 2),
     128: (64, 128, 1, 2),
 }
 INTERPRET_CONFIG = (FwdConfig(64, 64, 4, 1), BwdConfig(64, 64, 4, 1, False, 64, 64, 4, 1))
@@ -335,13 +337,18 @@ def attn_fwd_kernel(
 def attn_bwd_delta_kernel(
     O,  # forward output, (B, H, SQ, HEAD_DIM), strides stride_o*
     DO,  # output gradient, (B, H, SQ, HEAD_DIM), strides stride_do*
-    DELTA,  # rowsum(dO * O) (written), fp32, contiguous (B, H, SQ)
+    DELTA,  # rowsum(dO * O) (written), fp32, contiguous (B, H, SQ); with STATS (B * H, 2, SQP)
+    LSE,  # forward logsumexp, fp32, contiguous (B, H, SQ) (read with STATS)
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, SQ,
+    SQP,  # with STATS: SQ rounded up to whole blocks of every row block that reads DELTA
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    STATS: tl.constexpr,  # DELTA holds the Gluon backward's per-row statistics
 ):
-    """delta_i = sum_d dO_id O_id in fp32. Grid (cdiv(SQ, BLOCK_M), B * H)."""
+    """delta_i = sum_d dO_id O_id in fp32. Grid (cdiv(SQ, BLOCK_M), B * H); with STATS
+    (SQP // BLOCK_M, B * H) and DELTA the Gluon backward's rows of (LSE, delta) per (batch,
+    head), padded to SQP rows (+inf and 0 past SQ: no masks, whole TMA boxes)."""
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -354,7 +361,14 @@ def attn_bwd_delta_kernel(
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + r64 * stride_dom
                  + cols[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + off_bh.to(tl.int64) * SQ + rows, delta, mask=rows < SQ)
+    if STATS:
+        lse = tl.load(LSE + off_bh.to(tl.int64) * SQ + rows, mask=rows < SQ,
+                      other=float("inf"))
+        base = DELTA + off_bh.to(tl.int64) * 2 * SQP
+        tl.store(base + rows, lse)
+        tl.store(base + SQP + rows, delta)
+    else:
+        tl.store(DELTA + off_bh.to(tl.int64) * SQ + rows, delta, mask=rows < SQ)
 
 
 @triton.jit
@@ -713,10 +727,6 @@ def attention_bwd(
     alibi = _alibi_mode(slopes, causal, q.dtype)
     slopes_arg = lse if slopes is None else slopes
 
-    delta = empty((B, H, SQ), torch.float32, q.device)
-    launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
-           (out, do, delta, *_strides(out), *_strides(do), H, SQ),
-           dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M))
     if grads is None:
         grads = (empty(q.shape, q.dtype, q.device), heads_interleaved(k.shape, q.dtype, q.device),
                  heads_interleaved(v.shape, q.dtype, q.device))  # fmt: skip
@@ -725,10 +735,19 @@ def attention_bwd(
     if tiling is not None:
         from .attention_gluon import attention_bwd_gluon
 
+        sqp = triton.cdiv(SQ, max(tiling[0], DELTA_BLOCK_M)) * max(tiling[0], DELTA_BLOCK_M)
+        stats = empty((B * H, 2, sqp), torch.float32, q.device)
+        launch(attn_bwd_delta_kernel, (sqp // DELTA_BLOCK_M, B * H),
+               (out, do, stats, lse, *_strides(out), *_strides(do), H, SQ, sqp),
+               dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M, STATS=True))
         dq_acc = torch.zeros((B, H, SQ, D), dtype=torch.float32, device=q.device)
-        attention_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, causal, scale, *tiling)
+        attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal, scale, *tiling)
         _dq_convert(dq_acc, dq, scale)
         return dq, dk, dv
+    delta = empty((B, H, SQ), torch.float32, q.device)
+    launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
+           (out, do, delta, lse, *_strides(out), *_strides(do), H, SQ, 0),
+           dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M, STATS=False))
     desc_q = _desc(q, cfg.block_m, BD)
     dq_acc, desc_dq = lse, desc_q  # placeholders unless the dK/dV kernel accumulates dQ
     tma_reduce = not INTERPRET  # the interpreter has no TMA reduce: atomics on pointers

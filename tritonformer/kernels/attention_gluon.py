@@ -1,4 +1,5 @@
-"""Flash attention forward for Hopper (sm_90) in Gluon, 16-bit, head dim 64 or 128.
+"""Flash attention for Hopper (sm_90) in Gluon, 16-bit, head dim 64 or 128: the forward, and
+the backward without ALiBi (``attn_bwd_gluon_kernel``, described there).
 
 Triton 3.6 waits for every wgmma right after issuing it, so the ``tl.dot`` forward
 (``attention.attn_fwd_kernel``) never overlaps the softmax of one key block with the tensor
@@ -606,17 +607,23 @@ def _tma_reduce_add(desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, it, n_iter, m_first, off_b, off_h,
-               BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the Q and dO blocks of iteration it (query block m_first + it) into stage
-    it % STAGES, on one barrier (skipped past the last iteration)."""
+def _issue_rows(desc_q, desc_do, desc_stats, q_smem, do_smem, lse_smem, delta_smem, bars, it,
+                n_iter, m_first, off_b, off_h, off_bh, BLOCK_M: gl.constexpr,
+                STAGES: gl.constexpr):
+    """TMA loads of the Q, dO, LSE and delta rows of iteration it (query block m_first + it)
+    into stage it % STAGES, on one barrier (skipped past the last iteration)."""
     slot = it % STAGES
     pred = it < n_iter
     bar = bars.index(slot)
     row = (m_first + it) * BLOCK_M
-    mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes, pred)
+    mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes
+                    + 2 * desc_stats.block_type.nbytes, pred)
     tma.async_copy_global_to_shared(desc_q, [off_b, off_h, row, 0], bar, q_smem.index(slot), pred)
     tma.async_copy_global_to_shared(desc_do, [off_b, off_h, row, 0], bar, do_smem.index(slot),
+                                    pred)
+    tma.async_copy_global_to_shared(desc_stats, [off_bh, 0, row], bar, lse_smem.index(slot),
+                                    pred)
+    tma.async_copy_global_to_shared(desc_stats, [off_bh, 1, row], bar, delta_smem.index(slot),
                                     pred)
 
 
@@ -626,8 +633,9 @@ def attn_bwd_gluon_kernel(
     desc_k, desc_v,  # forward keys, values: (B, H, SKV, D), box [1, 1, BLOCK_N, D]
     desc_dk, desc_dv,  # their gradients (written), (B, H, SKV, D), box [1, 1, BLOCK_N, D]
     desc_dq,  # fp32 dS K accumulator, zero-filled, (B, H, SQ, D), box [1, 1, BLOCK_M, D]
-    LSE,  # forward logsumexp (base 2), fp32, contiguous (B, H, SQ)
-    DELTA,  # rowsum(dO * O), fp32, contiguous (B, H, SQ)
+    desc_stats,  # fp32 (B * H, 2, SQP): per (batch, head) the forward's base-2 logsumexp
+                 # and rowsum(dO * O), +inf and 0 past SQ, SQP a multiple of BLOCK_M
+                 # (attention.attn_bwd_delta_kernel), box [1, 1, BLOCK_M]
     H, SQ, SKV,
     qk_scale,  # softmax scale * log2(e)
     scale,  # softmax scale
@@ -685,6 +693,9 @@ def attn_bwd_gluon_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_DIM],
                                         desc_do.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M], desc_stats.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 1, BLOCK_M],
+                                           desc_stats.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, 1, 1, BLOCK_M, HEAD_DIM],
                                         desc_dq.layout)
@@ -699,14 +710,11 @@ def attn_bwd_gluon_kernel(
     tma.async_copy_global_to_shared(desc_k, [off_b, off_h, n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(desc_v, [off_b, off_h, n0, 0], kv_bar, v_smem)
     for i in gl.static_range(STAGES):
-        _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, i, n_iter, m_first, off_b, off_h,
-                   BLOCK_M, STAGES)
+        _issue_rows(desc_q, desc_do, desc_stats, q_smem, do_smem, lse_smem, delta_smem, bars, i,
+                    n_iter, m_first, off_b, off_h, off_bh, BLOCK_M, STAGES)
 
-    row_off = off_bh.to(gl.int64) * SQ
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-    # LSE and delta are loaded a few elements per thread, then spread to the scores' columns
-    offs_v = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
@@ -723,12 +731,7 @@ def attn_bwd_gluon_kernel(
         s_tok = warpgroup_mma(k2, q2.permute([1, 0]), s_zero, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v2, do2.permute([1, 0]), s_zero, use_acc=False, is_async=True)
         rows = start_m + offs_m
-        lse = gl.convert_layout(
-            gl.load(LSE + row_off + start_m + offs_v, mask=start_m + offs_v < SQ,
-                    other=float("inf")), gl.SliceLayout(0, s_layout))
-        delta = gl.convert_layout(
-            gl.load(DELTA + row_off + start_m + offs_v, mask=start_m + offs_v < SQ, other=0.0),
-            gl.SliceLayout(0, s_layout))
+        lse = lse_smem.index(slot).reshape([BLOCK_M]).load(gl.SliceLayout(0, s_layout))
         s = warpgroup_mma_wait(1, deps=[s_tok])
         pT = gl.exp2(s * qk_scale - lse[None, :])
         if start_m < full_from:
@@ -736,6 +739,7 @@ def attn_bwd_gluon_kernel(
             if CAUSAL:
                 keep = keep & ((n0 + offs_n)[:, None] <= rows[None, :] + diag)
             pT = gl.where(keep, pT, 0.0)
+        delta = delta_smem.index(slot).reshape([BLOCK_M]).load(gl.SliceLayout(0, s_layout))
         dp = warpgroup_mma_wait(0, deps=[dp_tok])
         ds = (pT * (dp - delta[None, :])).to(dtype)
         dv_tok = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do2, dv,
@@ -750,8 +754,8 @@ def attn_bwd_gluon_kernel(
         buf = dq_smem.index(it % DQ_BUFS)
         tma.store_wait(DQ_BUFS - 1)  # the last reduce from this buffer has read it
         gl.thread_barrier()  # ... and every warp is done reading stage `slot` and dS^T
-        _issue_qdo(desc_q, desc_do, q_smem, do_smem, bars, it + STAGES, n_iter, m_first, off_b,
-                   off_h, BLOCK_M, STAGES)
+        _issue_rows(desc_q, desc_do, desc_stats, q_smem, do_smem, lse_smem, delta_smem, bars,
+                    it + STAGES, n_iter, m_first, off_b, off_h, off_bh, BLOCK_M, STAGES)
         buf.reshape([BLOCK_M, HEAD_DIM]).store(dq)
         fence_async_shared()
         gl.thread_barrier()
@@ -770,13 +774,25 @@ def attn_bwd_gluon_kernel(
         mbarrier.invalidate(bars.index(i))
 
 
-def attention_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, causal: bool, scale: float,
+def _stats_desc(stats: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A descriptor over the fp32 contiguous (B * H, 2, SQP) ``stats`` with [1, 1, rows]
+    boxes."""
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = stats, list(stats.shape), list(stats.stride())
+    desc.block_shape, desc.padding = [1, 1, rows], "zero"
+    desc.layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows], gl.float32)
+    return desc
+
+
+def attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal: bool, scale: float,
                         block_m: int, block_n: int, stages: int, dq_bufs: int) -> None:
     """dK, dV (written) and dS K (reduce-added into dq_acc) through ``attn_bwd_gluon_kernel``
     on an sm_90 device.
 
     do, q (B, H, Sq, D); k, v, dk, dv (B, H, Skv, D): bf16 or fp16, D 64 or 128, layouts TMA
-    can read; lse, delta fp32 contiguous (B, H, Sq); dq_acc fp32 contiguous (B, H, Sq, D),
+    can read; stats fp32 contiguous (B * H, 2, Sq rounded up to whole block_m): per row the
+    forward's LSE and rowsum(dO * O) (``attention.attn_bwd_delta_kernel`` with STATS);
+    dq_acc fp32 contiguous (B, H, Sq, D),
     zero-filled. block_m, block_n, stages, dq_bufs: the tiling (``attention.gluon_bwd_tiling``).
     """
     B, H, SQ, D = q.shape
@@ -784,7 +800,8 @@ def attention_bwd_gluon(do, q, k, v, lse, delta, dq_acc, dk, dv, causal: bool, s
     launch(attn_bwd_gluon_kernel, (triton.cdiv(SKV, block_n), B * H), (
         _gluon_desc(q, block_m), _gluon_desc(do, block_m), _gluon_desc(k, block_n),
         _gluon_desc(v, block_n), _gluon_desc(dk, block_n), _gluon_desc(dv, block_n),
-        _gluon_desc(dq_acc, block_m), lse, delta, H, SQ, SKV, scale * LOG2E, scale,
+        _gluon_desc(dq_acc, block_m), _stats_desc(stats, block_m), H, SQ, SKV,
+        scale * LOG2E, scale,
     ), dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, DQ_BUFS=dq_bufs,
             CAUSAL=causal),
         num_warps=block_n // 16)
