@@ -224,11 +224,11 @@ def test_linear_cross_entropy_bad_input():
 
 
 def test_linear_cross_entropy_chunk_plan():
-    # The default plan for 16384 x 768 x 50304 in bf16: 7 chunks of 2432 rows, each chunk's
-    # logits within 256 MiB.
+    # The default plan for 16384 x 768 x 50304 in bf16: 4 chunks of 4096 rows, each chunk's
+    # logits within 400 MiB.
     rows = _parts(16384, CHUNK["logits_bytes"] // (50304 * 2), CHUNK["rows_multiple"])
-    assert len(rows) == 7 and rows[0] == (0, 2432) and rows[-1][1] == 16384
-    assert all(b - a <= 2432 for a, b in rows) and 2432 * 50304 * 2 <= 256 * 2**20
+    assert rows == [(0, 4096), (4096, 8192), (8192, 12288), (12288, 16384)]
+    assert 4096 * 50304 * 2 <= CHUNK["logits_bytes"] == 400 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
