@@ -292,28 +292,37 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_bwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
-    """On sm_90 the 16-bit backward without ALiBi at D 64/128 is the Gluon kernel (checked
-    against float64 by test_attention_gpu and test_attention_packed_gpu): the Triton kernels
-    it replaces there give the same gradients, at every tiling of GLUON_BWD's kind (tails of
-    query and key blocks, Sq < Skv and Sq > Skv, Sq = 1, full and causal, several heads)."""
+    """On sm_90 the 16-bit backward at D 64/128 is the Gluon kernel, exact ALiBi excepted
+    (checked against float64 by test_attention_gpu and test_attention_packed_gpu): the
+    Triton kernels it replaces there give the same gradients, at every tiling of GLUON_BWD's
+    kind (tails of query and key blocks, Sq < Skv and Sq > Skv, Sq = 1, full and causal,
+    folded ALiBi with the standard slopes and steep ones, several heads)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward runs on sm_90 only")
     tilings = [ka.GLUON_BWD[d], (64, 64, 1, 1), (64, 128, 2, 2)]
-    for b, h, sq, skv, causal in [(2, 3, 100, 100, True), (1, 2, 333, 333, False),
-                                  (2, 2, 65, 1000, True), (1, 4, 1, 500, True),
-                                  (2, 2, 200, 130, True), (1, 2, 1, 1, True),
-                                  (1, 2, 1100, 1100, False), (3, 16, 700, 650, True)]:
+    for b, h, sq, skv, causal, alibi in [(2, 3, 100, 100, True, True),
+                                         (1, 2, 333, 333, False, False),
+                                         (2, 2, 65, 1000, True, True),
+                                         (1, 4, 1, 500, True, False),
+                                         (2, 2, 200, 130, True, False),
+                                         (1, 2, 1, 1, True, True),
+                                         (1, 2, 1100, 1100, False, False),
+                                         (1, 3, 300, 2500, True, True),
+                                         (3, 16, 700, 650, True, True)]:  # fmt: skip
         q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
         do = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
         scale = d**-0.5
-        out, lse = ka.attention_fwd(q, k, v, None, causal, scale, False)
+        slopes = ops.alibi_slopes(h) if alibi else None
+        if alibi and h == 3:  # steep: the bias dwarfs the scores
+            slopes = torch.tensor([4.0, 1.0, 2.0**-10], device="cuda")
+        out, lse = ka.attention_fwd(q, k, v, slopes, causal, scale, False)
         monkeypatch.setattr(ka, "GLUON_BWD", None)
-        want = ka.attention_bwd(do, q, k, v, out, lse, None, causal, scale, False)
+        want = ka.attention_bwd(do, q, k, v, out, lse, slopes, causal, scale, False)
         for tiling in tilings:
             monkeypatch.setattr(ka, "GLUON_BWD", {d: tiling})
-            got = ka.attention_bwd(do, q, k, v, out, lse, None, causal, scale, False)
-            case = f"B{b} H{h} Sq{sq} Skv{skv} causal={causal} tiling={tiling}"
+            got = ka.attention_bwd(do, q, k, v, out, lse, slopes, causal, scale, False)
+            case = f"B{b} H{h} Sq{sq} Skv{skv} causal={causal} alibi={alibi} tiling={tiling}"
             for name, g, w in zip("qkv", got, want, strict=True):
                 assert not g.isnan().any(), f"{case} d{name}"
                 assert rel_err(g, w) <= roundoff(dtype), f"{case} d{name}: {rel_err(g, w):.2e}"

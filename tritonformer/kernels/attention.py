@@ -7,7 +7,8 @@ made on the host (TMA on Hopper; boxes [1, 1, rows, BLOCK_D]), so a program sets
 they zero-fill rows past Sq/Skv and columns past D (stores are clipped there), so D is padded
 to the power of two BLOCK_D without any masked load. On sm_90 the fp16/bf16 forward at D 64
 and 128 runs the Gluon kernel of attention_gluon.py instead (``GLUON_FWD``), which overlaps
-the softmax with the tensor cores, and so does the backward without ALiBi (``GLUON_BWD``).
+the softmax with the tensor cores, and so does the backward (``GLUON_BWD``), exact ALiBi
+excepted.
 
 Conventions shared by every kernel here (log2 domain: exp2 with log2(e) folded into scales):
 - diag = Skv - Sq: query i sees keys j <= i + diag when causal (the mask aligned bottom-right).
@@ -112,7 +113,8 @@ GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, in
     (128, True): [(None, (128, 128, 2, 2))],
 }
 # The Gluon backward (attention_gluon.attn_bwd_gluon_kernel) replaces the dK/dV and dQ kernels
-# above on sm_90 for fp16/bf16 without ALiBi, outside deterministic mode (dQ is reduce-added),
+# above on sm_90 for fp16/bf16 (exact ALiBi excepted), outside deterministic mode (dQ is
+# reduce-added),
 # at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16 warps. Swept
 # on the H100 at the model benchmark's shapes (docs/perf/attention.md, v8): D64 one
 # warpgroup per program, two programs per SM; D128 two warpgroups over 128 keys, one program
@@ -657,9 +659,9 @@ def gluon_tiling(head_dim: int, alibi: int, skv: int) -> tuple[int, int, int, in
 
 def gluon_bwd_tiling(head_dim: int, alibi: int, dtype: torch.dtype,
                      device: torch.device) -> tuple[int, int, int, int] | None:
-    """The Gluon backward's tiling from ``GLUON_BWD``; None where it does not run (ALiBi,
-    fp32, other head dims, deterministic mode, not sm_90, the interpreter)."""
-    if (GLUON_BWD is None or alibi != 0 or dtype == torch.float32
+    """The Gluon backward's tiling from ``GLUON_BWD``; None where it does not run (exact
+    ALiBi, fp32, other head dims, deterministic mode, not sm_90, the interpreter)."""
+    if (GLUON_BWD is None or alibi == 1 or dtype == torch.float32
             or torch.are_deterministic_algorithms_enabled() or not is_hopper(device)):
         return None
     return GLUON_BWD.get(head_dim)
@@ -741,7 +743,7 @@ def attention_bwd(
                (out, do, stats, lse, *_strides(out), *_strides(do), H, SQ, sqp),
                dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M, STATS=True))
         dq_acc = torch.zeros((B, H, SQ, D), dtype=torch.float32, device=q.device)
-        attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal, scale, *tiling)
+        attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal, scale, slopes, *tiling)
         _dq_convert(dq_acc, dq, scale)
         return dq, dk, dv
     delta = empty((B, H, SQ), torch.float32, q.device)

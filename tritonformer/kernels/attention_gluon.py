@@ -1,5 +1,5 @@
 """Flash attention for Hopper (sm_90) in Gluon, 16-bit, head dim 64 or 128: the forward, and
-the backward without ALiBi (``attn_bwd_gluon_kernel``, described there).
+the backward (``attn_bwd_gluon_kernel``, described there), exact ALiBi excepted.
 
 Triton 3.6 waits for every wgmma right after issuing it, so the ``tl.dot`` forward
 (``attention.attn_fwd_kernel``) never overlaps the softmax of one key block with the tensor
@@ -636,6 +636,7 @@ def attn_bwd_gluon_kernel(
     desc_stats,  # fp32 (B * H, 2, SQP): per (batch, head) the forward's base-2 logsumexp
                  # and rowsum(dO * O), +inf and 0 past SQ, SQP a multiple of BLOCK_M
                  # (attention.attn_bwd_delta_kernel), box [1, 1, BLOCK_M]
+    SLOPES,  # ALiBi slopes, fp32, (H,) (unused if ALIBI == 0)
     H, SQ, SKV,
     qk_scale,  # softmax scale * log2(e)
     scale,  # softmax scale
@@ -645,6 +646,7 @@ def attn_bwd_gluon_kernel(
     STAGES: gl.constexpr,  # Q / dO blocks in flight
     DQ_BUFS: gl.constexpr,  # dQ staging buffers (1 or 2) for the reduce-adds
     CAUSAL: gl.constexpr,
+    ALIBI: gl.constexpr,  # 0 none, 2 folded (causal)
 ):
     """dK and dV of one key block of one (batch, head), and its share of dQ (reduce-added).
     Grid (cdiv(SKV, BLOCK_N), B * H), BLOCK_N // 16 warps. Works on transposed tiles (keys x
@@ -656,7 +658,9 @@ def attn_bwd_gluon_kernel(
 
     then dQ_part is reduce-added into desc_dq by TMA from one of DQ_BUFS shared buffers. Under
     the causal mask the query blocks before the first that sees a key are skipped; blocks
-    that cross the diagonal, and key blocks with a tail, are masked."""
+    that cross the diagonal, and key blocks with a tail, are masked. Folded ALiBi (ALIBI 2)
+    adds slope2 * (key - query - diag) to the exponent as the Triton backward does: a column
+    term within the key block, the rest folded into the LSE row vector (one FADD per score)."""
     dtype: gl.constexpr = desc_q.dtype
     WARPS: gl.constexpr = BLOCK_N // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -715,6 +719,11 @@ def attn_bwd_gluon_kernel(
 
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    col = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(1, s_layout))
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = gl.load(SLOPES + off_h) * LOG2E_
+        col = slope2 * offs_n.to(gl.float32)  # the bias's part within the key block
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
@@ -733,7 +742,11 @@ def attn_bwd_gluon_kernel(
         rows = start_m + offs_m
         lse = lse_smem.index(slot).reshape([BLOCK_M]).load(gl.SliceLayout(0, s_layout))
         s = warpgroup_mma_wait(1, deps=[s_tok])
-        pT = gl.exp2(s * qk_scale - lse[None, :])
+        if ALIBI == 2:
+            lse = lse - slope2 * (n0 - rows - diag).to(gl.float32)
+            pT = gl.exp2(s * qk_scale + col[:, None] - lse[None, :])
+        else:
+            pT = gl.exp2(s * qk_scale - lse[None, :])
         if start_m < full_from:
             keep = (n0 + offs_n)[:, None] < SKV
             if CAUSAL:
@@ -785,23 +798,25 @@ def _stats_desc(stats: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal: bool, scale: float,
-                        block_m: int, block_n: int, stages: int, dq_bufs: int) -> None:
+                        slopes: torch.Tensor | None, block_m: int, block_n: int, stages: int,
+                        dq_bufs: int) -> None:
     """dK, dV (written) and dS K (reduce-added into dq_acc) through ``attn_bwd_gluon_kernel``
     on an sm_90 device.
 
     do, q (B, H, Sq, D); k, v, dk, dv (B, H, Skv, D): bf16 or fp16, D 64 or 128, layouts TMA
     can read; stats fp32 contiguous (B * H, 2, Sq rounded up to whole block_m): per row the
     forward's LSE and rowsum(dO * O) (``attention.attn_bwd_delta_kernel`` with STATS);
-    dq_acc fp32 contiguous (B, H, Sq, D),
-    zero-filled. block_m, block_n, stages, dq_bufs: the tiling (``attention.gluon_bwd_tiling``).
+    dq_acc fp32 contiguous (B, H, Sq, D), zero-filled. slopes: fp32 (H,), causal only (folded
+    ALiBi), or None. block_m, block_n, stages, dq_bufs: the tiling
+    (``attention.gluon_bwd_tiling``).
     """
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
     launch(attn_bwd_gluon_kernel, (triton.cdiv(SKV, block_n), B * H), (
         _gluon_desc(q, block_m), _gluon_desc(do, block_m), _gluon_desc(k, block_n),
         _gluon_desc(v, block_n), _gluon_desc(dk, block_n), _gluon_desc(dv, block_n),
-        _gluon_desc(dq_acc, block_m), _stats_desc(stats, block_m), H, SQ, SKV,
-        scale * LOG2E, scale,
+        _gluon_desc(dq_acc, block_m), _stats_desc(stats, block_m),
+        slopes if slopes is not None else stats, H, SQ, SKV, scale * LOG2E, scale,
     ), dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, DQ_BUFS=dq_bufs,
-            CAUSAL=causal),
+            CAUSAL=causal, ALIBI=0 if slopes is None else 2),
         num_warps=block_n // 16)
