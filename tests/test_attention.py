@@ -246,6 +246,30 @@ def test_attention_gpu_non_contiguous():
     check_attention(2, 8, 2048, 2048, 128, torch.bfloat16, True, True, layout="bshd")
 
 
+# The Gluon kernels against the Triton ones: tails, Sq < Skv and Sq > Skv, Sq = 1, full and
+# causal, folded ALiBi (steep slopes at H = 3), keys past 2048 (where GLUON_FWD switches
+# tiling), enough tiles at D128 that the persistent forward's programs take several each.
+GLUON_CASES = [
+    # b, h, sq, skv, causal, alibi
+    (2, 3, 100, 100, True, True), (1, 2, 333, 333, False, False), (2, 2, 65, 1000, True, True),
+    (1, 4, 1, 500, True, False), (2, 2, 200, 130, True, False), (1, 2, 1, 1, True, True),
+    (1, 3, 300, 2500, True, True), (1, 2, 2100, 2100, True, False),
+    (2, 2, 1100, 1100, False, False), (1, 2, 1, 1500, True, False), (4, 16, 600, 600, True, True),
+    (3, 16, 700, 650, True, False), (3, 16, 700, 650, True, True),
+]
+
+
+def gluon_case(b, h, sq, skv, d, dtype, alibi):
+    """q (B, H, Sq, D), k, v (B, H, Skv, D) on the GPU and the ALiBi slopes (None without):
+    the standard ones, or with H = 3 steep ones (the bias dwarfs the scores)."""
+    q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
+    slopes = ops.alibi_slopes(h) if alibi else None
+    if alibi and h == 3:
+        slopes = torch.tensor([4.0, 1.0, 2.0**-10], device="cuda")
+    return q, k, v, slopes
+
+
 @gpu
 @requires_gpu
 @pytest.mark.parametrize("d", [64, 128])
@@ -253,29 +277,13 @@ def test_attention_gpu_non_contiguous():
 def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
     """On sm_90 the 16-bit forward at D 64/128 is the Gluon kernel (checked against float64
     by test_attention_gpu): the Triton kernel it replaces there, still the forward of other
-    GPUs, gives the same output and LSE (tails, Sq < Skv, Sq = 1, full and causal, folded
-    ALiBi with the standard slopes and with steep ones, keys past 2048 where GLUON_FWD
-    switches tiling, enough tiles at D128 that the persistent kernel's programs take several
-    each)."""
+    GPUs, gives the same output and LSE on GLUON_CASES."""
     from tritonformer.kernels import attention as ka
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward runs on sm_90 only")
-    for b, h, sq, skv, causal, alibi in [(2, 3, 100, 100, True, True), (1, 2, 333, 333, False,
-                                         False), (2, 2, 65, 1000, True, True),
-                                         (1, 4, 1, 500, True, False),
-                                         (2, 2, 200, 130, True, False),
-                                         (1, 3, 300, 2500, True, True),
-                                         (1, 2, 2100, 2100, True, False),
-                                         (2, 2, 1100, 1100, False, False),
-                                         (1, 2, 1, 1500, True, False),
-                                         (4, 16, 600, 600, True, True),
-                                         (3, 16, 700, 650, True, False)]:  # fmt: skip
-        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
-        k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
-        slopes = ops.alibi_slopes(h) if alibi else None
-        if alibi and h == 3:  # steep: the bias dwarfs the scores
-            slopes = torch.tensor([4.0, 1.0, 2.0**-10], device="cuda")
+    for b, h, sq, skv, causal, alibi in GLUON_CASES:
+        q, k, v, slopes = gluon_case(b, h, sq, skv, d, dtype, alibi)
         got, got_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)
         monkeypatch.setattr(ka, "GLUON_FWD", None)
         want, want_lse = ka.attention_fwd(q, k, v, slopes, causal, d**-0.5, False)
@@ -294,28 +302,15 @@ def test_attention_fwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
 def test_attention_bwd_gluon_vs_triton_gpu(d, dtype, monkeypatch):
     """On sm_90 the 16-bit backward at D 64/128 is the Gluon kernel, exact ALiBi excepted
     (checked against float64 by test_attention_gpu and test_attention_packed_gpu): the
-    Triton kernels it replaces there give the same gradients, at every tiling of GLUON_BWD's
-    kind (tails of query and key blocks, Sq < Skv and Sq > Skv, Sq = 1, full and causal,
-    folded ALiBi with the standard slopes and steep ones, several heads)."""
+    Triton kernels it replaces there give the same gradients on GLUON_CASES, at several
+    tilings of GLUON_BWD's kind."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon backward runs on sm_90 only")
     tilings = [ka.GLUON_BWD[d], (64, 64, 1, 1), (64, 128, 2, 2)]
-    for b, h, sq, skv, causal, alibi in [(2, 3, 100, 100, True, True),
-                                         (1, 2, 333, 333, False, False),
-                                         (2, 2, 65, 1000, True, True),
-                                         (1, 4, 1, 500, True, False),
-                                         (2, 2, 200, 130, True, False),
-                                         (1, 2, 1, 1, True, True),
-                                         (1, 2, 1100, 1100, False, False),
-                                         (1, 3, 300, 2500, True, True),
-                                         (3, 16, 700, 650, True, True)]:  # fmt: skip
-        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
-        k, v = (torch.randn(b, h, skv, d, device="cuda", dtype=dtype) for _ in range(2))
-        do = torch.randn(b, h, sq, d, device="cuda", dtype=dtype)
+    for b, h, sq, skv, causal, alibi in GLUON_CASES:
+        q, k, v, slopes = gluon_case(b, h, sq, skv, d, dtype, alibi)
+        do = torch.randn_like(q)
         scale = d**-0.5
-        slopes = ops.alibi_slopes(h) if alibi else None
-        if alibi and h == 3:  # steep: the bias dwarfs the scores
-            slopes = torch.tensor([4.0, 1.0, 2.0**-10], device="cuda")
         out, lse = ka.attention_fwd(q, k, v, slopes, causal, scale, False)
         monkeypatch.setattr(ka, "GLUON_BWD", None)
         want = ka.attention_bwd(do, q, k, v, out, lse, slopes, causal, scale, False)
