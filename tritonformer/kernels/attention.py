@@ -114,11 +114,11 @@ GLUON_FWD: dict[tuple[int, bool], list[tuple[int | None, tuple[int, int, int, in
 }
 # The Gluon backward (attention_gluon.attn_bwd_gluon_kernel) replaces the dK/dV and dQ kernels
 # above on sm_90 for fp16/bf16 (exact ALiBi excepted), outside deterministic mode (dQ is
-# reduce-added),
-# at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16 warps. Swept
-# on the H100 at the model benchmark's shapes (docs/perf/attention.md, v8): D64 one
-# warpgroup per program, two programs per SM; D128 two warpgroups over 128 keys, one program
-# per SM (64 keys per program spill more and lose the shared loads). None turns it off.
+# reduce-added), at these head dims: tiling (BLOCK_M, BLOCK_N, STAGES, DQ_BUFS), BLOCK_N // 16
+# warps. Swept on the H100 at the model benchmark's shapes (docs/perf/attention.md, v8,
+# scripts/sweep_gluon_attention_bwd.py): D64 one warpgroup per program, two programs per SM;
+# D128 two warpgroups over 128 keys, one program per SM (64 keys per program spill more and
+# lose the shared loads). None turns it off.
 GLUON_BWD: dict[int, tuple[int, int, int, int]] | None = {
     64: (64, 64, 3, 2),
     128: (64, 128, 1, 2),
@@ -737,7 +737,8 @@ def attention_bwd(
     if tiling is not None:
         from .attention_gluon import attention_bwd_gluon
 
-        sqp = triton.cdiv(SQ, max(tiling[0], DELTA_BLOCK_M)) * max(tiling[0], DELTA_BLOCK_M)
+        rows = max(tiling[0], DELTA_BLOCK_M)  # both kernels' row blocks are whole in sqp
+        sqp = triton.cdiv(SQ, rows) * rows
         stats = empty((B * H, 2, sqp), torch.float32, q.device)
         launch(attn_bwd_delta_kernel, (sqp // DELTA_BLOCK_M, B * H),
                (out, do, stats, lse, *_strides(out), *_strides(do), H, SQ, sqp),

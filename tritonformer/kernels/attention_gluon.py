@@ -37,8 +37,6 @@ no interpreter: the GPU tier tests these kernels (tests/test_attention.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton._C.libtriton import ir
@@ -56,6 +54,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..runtime import device_index, empty, launch, num_sms
 from .attention import LOG2E, _strides, heads_interleaved
+from .matmul_gluon import descriptor
 
 ROWS = gl.constexpr(64)  # query rows per warpgroup
 LOG2E_ = gl.constexpr(LOG2E)  # LOG2E inside the kernels (jit globals must be constexprs)
@@ -531,23 +530,11 @@ def attn_fwd_gluon_ws_kernel(
         [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
-
-
-@functools.cache
-def _layout(rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], _GL_DTYPES[dtype])
-
-
 def _gluon_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A descriptor over ``t`` (B, H, S, D) with [1, 1, rows, D] boxes, zero-filled past S.
     Built without TensorDescriptor's checks, like ``attention._desc`` (ops/attention.py has
     made the layout TMA-ready; the checks cost ~3 us of host time per descriptor)."""
-    d = t.shape[-1]
-    desc = object.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides = t, list(t.shape), _strides(t)
-    desc.block_shape, desc.layout, desc.padding = [1, 1, rows, d], _layout(rows, d, t.dtype), "zero"
-    return desc
+    return descriptor(t, list(t.shape), _strides(t), [1, 1, rows, t.shape[-1]])
 
 
 def attention_fwd_gluon(q, k, v, causal: bool, scale: float, slopes: torch.Tensor | None = None,
@@ -790,11 +777,7 @@ def attn_bwd_gluon_kernel(
 def _stats_desc(stats: torch.Tensor, rows: int) -> TensorDescriptor:
     """A descriptor over the fp32 contiguous (B * H, 2, SQP) ``stats`` with [1, 1, rows]
     boxes."""
-    desc = object.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides = stats, list(stats.shape), list(stats.stride())
-    desc.block_shape, desc.padding = [1, 1, rows], "zero"
-    desc.layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows], gl.float32)
-    return desc
+    return descriptor(stats, list(stats.shape), list(stats.stride()), [1, 1, rows])
 
 
 def attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal: bool, scale: float,

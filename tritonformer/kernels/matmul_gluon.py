@@ -336,8 +336,9 @@ def _layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
 
 def descriptor(t: torch.Tensor, shape: list[int], strides: list[int],
                block: list[int]) -> TensorDescriptor:
-    """A Gluon TMA descriptor over ``t`` viewed as ``shape``/``strides`` (a layout
-    ``matmul._tma_layout`` has checked), zero-filled past the edges."""
+    """A Gluon TMA descriptor over ``t`` viewed as ``shape``/``strides`` (a layout TMA can
+    read, checked by the caller: ``matmul._tma_layout``, ops/attention.py), zero-filled past
+    the edges, with the default shared layout of its ``block`` (cached)."""
     d = object.__new__(TensorDescriptor)
     d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block, "zero"
     d.layout = _layout(tuple(block), t.dtype)
