@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch.amp import custom_bwd, custom_fwd
@@ -10,6 +11,7 @@ from torch.amp import custom_bwd, custom_fwd
 from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
 from ..runtime import (
     DEVICE_TYPE,
+    DeviceFlag,
     check_choice,
     check_same_device,
     check_tensor,
@@ -82,10 +84,10 @@ def cross_entropy(
             one stride and the last is unit-stride; otherwise one copy, in the forward and
             again in the backward). Any V works (the kernels loop over vocabulary blocks).
         target: (...), logits' shape without its last dimension, int64 or int32: a class in
-            [0, V) or ``ignore_index``. While ``runtime.value_checks_enabled()``, checked on
-            the host (one reduction over target and a device-to-host sync per call): an
-            out-of-range value raises ValueError. Without the check, such a row's loss (so
-            the mean or sum) and its gradient row come out NaN.
+            [0, V) or ``ignore_index``. While ``runtime.value_checks_enabled()``, checked: a
+            reduction over target, read on the host once the loss kernel is queued (a wait
+            for the device per call): an out-of-range value raises ValueError. Without the
+            check, such a row's loss (so the mean or sum) and its gradient row come out NaN.
         ignore_index: target value whose rows contribute neither loss nor gradient.
         reduction: "mean" (over non-ignored rows; NaN if all are ignored, like torch), "sum"
             or "none".
@@ -98,11 +100,17 @@ def cross_entropy(
         logits are never cast in memory). The gradient comes back in logits' dtype.
     """
     check_tensor(logits, "logits", min_ndim=1)
-    check_loss_args(target, "logits", logits, logits.shape[-1], ignore_index, reduction,
-                    label_smoothing)
-    return CrossEntropyFunction.apply(
+    finish_check = check_loss_args(target, "logits", logits, logits.shape[-1], ignore_index,
+                                   reduction, label_smoothing)
+    loss = CrossEntropyFunction.apply(
         logits, target, int(ignore_index), reduction, float(label_smoothing)
     )
+    finish_check()
+    return loss
+
+
+def _no_value_check() -> None:
+    """``check_loss_args``'s value check while value checks are off: nothing to wait for."""
 
 
 def check_loss_args(
@@ -113,11 +121,13 @@ def check_loss_args(
     ignore_index: object,
     reduction: object,
     label_smoothing: object,
-) -> None:
+) -> Callable[[], None]:
     """The checks of a class-index loss's arguments (shared by ``cross_entropy`` and
     ``linear_cross_entropy``): ``target`` against ``rows`` (the already checked tensor named
     ``rows_name`` whose leading dimensions target must have), then the options, then, while
-    ``runtime.value_checks_enabled()``, the target values against [0, n_classes)."""
+    ``runtime.value_checks_enabled()``, the target values against [0, n_classes): started on
+    the device here and finished by the function returned, which the caller runs once its
+    kernels are queued (it raises the ValueError; the device keeps working meanwhile)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point():
@@ -142,10 +152,15 @@ def check_loss_args(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not value_checks_enabled():
-        return  # the kernels flag a bad target with a NaN loss
+        return _no_value_check  # the kernels flag a bad target with a NaN loss
     bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-    if bad.any():  # one device-to-host sync
-        raise ValueError(
-            f"target values must be in [0, {n_classes}) (the number of classes) or equal "
-            f"ignore_index={ignore_index}; found {int(target[bad].reshape(-1)[0])}"
-        )
+    any_bad = DeviceFlag(bad.any())
+
+    def finish() -> None:
+        if any_bad.read():
+            raise ValueError(
+                f"target values must be in [0, {n_classes}) (the number of classes) or equal "
+                f"ignore_index={ignore_index}; found {int(target[bad].reshape(-1)[0])}"
+            )
+
+    return finish

@@ -263,9 +263,11 @@ def linear_cross_entropy(
             dtype as x outside autocast, same device. Any V; when a row of V logits is not a
             multiple of 16 bytes, a zero-padded copy of the weight is made per call (TMA).
         target: (...), x's shape without its last dimension, int64 or int32: a class in
-            [0, V) or ``ignore_index``. While ``runtime.value_checks_enabled()``, checked on
-            the host (one device-to-host sync); without the check an out-of-range value
-            gives a NaN loss and NaN gradients, never a silent answer.
+            [0, V) or ``ignore_index``. While ``runtime.value_checks_enabled()``, checked: a
+            reduction over target, read on the host once the op's kernels are queued (the
+            host waits for the device, which is not left idle), raising ValueError; without
+            the check an out-of-range value gives a NaN loss and NaN gradients, never a
+            silent answer.
         ignore_index: target value whose rows contribute neither loss nor gradient.
         reduction: "mean" (over non-ignored rows; NaN if all are ignored, like torch), "sum"
             or "none" (the backward then recomputes the logits: slower, see above).
@@ -288,11 +290,15 @@ def linear_cross_entropy(
             f"weight must have shape (V, {x.shape[-1]}) (x's last dimension), "
             f"got {tuple(weight.shape)}"
         )
-    check_loss_args(target, "x", x, weight.shape[0], ignore_index, reduction, label_smoothing)
+    finish_check = check_loss_args(target, "x", x, weight.shape[0], ignore_index, reduction,
+                                   label_smoothing)
     options = (int(ignore_index), reduction, float(label_smoothing))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropyFunction.apply(x, weight, target, *options)
-    xc, wc = _operands(x, weight)
-    t = target.reshape(-1).contiguous()
-    _, loss = _lm_head_pass(xc, wc, t, weight.shape[0], options[0], options[2])
-    return _reduce(loss, t, target.shape, options[0], reduction)
+        loss = LinearCrossEntropyFunction.apply(x, weight, target, *options)
+    else:
+        xc, wc = _operands(x, weight)
+        t = target.reshape(-1).contiguous()
+        _, loss = _lm_head_pass(xc, wc, t, weight.shape[0], options[0], options[2])
+        loss = _reduce(loss, t, target.shape, options[0], reduction)
+    finish_check()
+    return loss
