@@ -301,3 +301,52 @@ def test_linear_cross_entropy_gpu_extra_memory(case):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - x.grad.nbytes - w.grad.nbytes
     assert extra <= 0.5 * GiB, f"{extra / 2**20:.1f} MiB beyond the inputs and gradients"
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lm_head_loss_grad_gluon_gpu(dtype):
+    """The Gluon loss pass (sm_90) against float64 and the Triton kernel it stands in for:
+    rows of n_cols classes in padded rows of Vp (one row; a ragged last chunk; GPT-2's V),
+    ignored rows, a bad target (NaN row), label smoothing, one gradient or one per row; the
+    padding columns come back 0; rows of one program per SM and of two."""
+    from tritonformer.kernels import cross_entropy as kc
+    from tritonformer.kernels import cross_entropy_gluon as kg
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon loss pass needs sm_90")
+    cases = (((1, 64, 37), 0.0, False), ((300, 4160, 4100), 0.1, True),
+             ((777, 50304, 50257), 0.0, False), ((520, 50304, 50304), 0.1, False),
+             ((200, 61440, 61000), 0.0, True))  # one program per SM (a longer row)
+    for (n, vp, v), eps, per_row in cases:
+        logits = randn(n, vp, dtype=dtype, scale=3.0)
+        logits[1::4] *= 40  # ignored rows (1, 5, ...) with logits past exp's fp32 range
+        logits[:, v:] = 0
+        target = make_target((n,), v)
+        if n > 1:
+            target[5] = v  # out of range: NaN loss and gradient row
+        grad = torch.rand(n if per_row else (), device=DEVICE) + 0.5
+        assert kg.eligible(logits, v)
+        ours = logits.clone()
+        lse, loss = kg.lm_head_loss_grad(ours, v, target, grad, -100, eps)
+        base = logits.clone()
+        lse_b, loss_b = kc.cross_entropy_fwd_bwd(base[:, :v], target, grad, -100, eps,
+                                                  base[:, :v])
+        x = logits[:, :v].double()
+        t = target.clamp(0, v - 1)
+        active, bad = target != -100, target == v
+        lse64 = torch.logsumexp(x, 1)
+        loss64 = (lse64 - (1 - eps) * x.gather(1, t[:, None])[:, 0] - eps / v * x.sum(1))
+        d64 = torch.softmax(x, 1) - eps / v
+        d64[torch.arange(n), t] -= 1 - eps
+        d64 *= (grad if per_row else grad.expand(n)).double()[:, None]
+        ok = active & ~bad
+        name = f"{n}x{vp} ({v} classes) eps={eps} per_row={per_row} {dtype}"
+        assert_close(lse[ok], lse64[ok], lse_b[ok], name + " lse")
+        assert_close(loss[ok], loss64[ok], loss_b[ok], name + " loss")
+        assert_close(ours[ok, :v], d64[ok], base[ok, :v], name + " dlogits")
+        assert (loss[~active] == 0).all() and (ours[~active] == 0).all()
+        assert (lse[~active] == float("-inf")).all()
+        assert loss[bad].isnan().all() and ours[bad, :v].isnan().all()
+        assert (ours[:, v:] == 0).all()

@@ -330,25 +330,25 @@ _register(cross_entropy.cross_entropy_bwd, _cross_entropy_bwd, lambda *args: Non
           _cross_entropy_bwd_traced, mutates_args=("out",))  # fmt: skip
 
 
-def _cross_entropy_fwd_bwd(
-    logits: Tensor, target: Tensor, grad: Tensor, ignore_index: int, label_smoothing: float,
-    out: Tensor,
+def _lm_head_loss_grad(
+    logits: Tensor, n_cols: int, target: Tensor, grad: Tensor, ignore_index: int,
+    label_smoothing: float,
 ) -> tuple[Tensor, Tensor]:
-    return cross_entropy.cross_entropy_fwd_bwd(logits, target, grad, ignore_index,
-                                               label_smoothing, out)  # fmt: skip
+    return linear_cross_entropy.lm_head_loss_grad(logits, n_cols, target, grad, ignore_index,
+                                                  label_smoothing)  # fmt: skip
 
 
-def _cross_entropy_fwd_bwd_traced(logits, target, grad, ignore_index, label_smoothing, out):
-    return _op("cross_entropy_fwd_bwd")(logits, target, grad, ignore_index, label_smoothing, out)
+def _lm_head_loss_grad_traced(logits, n_cols, target, grad, ignore_index, label_smoothing):
+    return _op("lm_head_loss_grad")(logits, n_cols, target, grad, ignore_index, label_smoothing)
 
 
 _register(
-    cross_entropy.cross_entropy_fwd_bwd,
-    _cross_entropy_fwd_bwd,
+    linear_cross_entropy.lm_head_loss_grad,
+    _lm_head_loss_grad,
     lambda logits, *args: (_like(logits, logits.shape[:1], torch.float32),
                            _like(logits, logits.shape[:1], torch.float32)),
-    _cross_entropy_fwd_bwd_traced,
-    mutates_args=("out",),
+    _lm_head_loss_grad_traced,
+    mutates_args=("logits",),
 )
 
 

@@ -1,8 +1,11 @@
-"""The streaming pass of the fused LM head + cross-entropy (``ops/linear_cross_entropy.py``).
+"""The fused LM head + cross-entropy's launchers beyond its GEMMs (``ops/linear_cross_entropy.py``,
+whose GEMMs run on ``kernels/matmul.py``):
 
-That op runs its GEMMs on ``kernels/matmul.py`` and its loss on ``kernels/cross_entropy.py``;
-what is left is one elementwise pass over gradient-sized tensors: scaling the stored
-gradients by the incoming loss gradient (written in the gradient's dtype):
+- ``lm_head_loss_grad``: a chunk's loss and dlogits over its logits, dispatched to the Gluon
+  pass on sm_90 (``kernels/cross_entropy_gluon.py``) or the Triton kernel
+  (``kernels/cross_entropy.py``);
+- ``scale_cast``: one elementwise pass over gradient-sized tensors, scaling the stored
+  gradients by the incoming loss gradient (written in the gradient's dtype):
 
     out = a * scale        scale optional (a cast); fp32 math; out may alias a
 """
@@ -12,6 +15,8 @@ import triton
 import triton.language as tl
 
 from ..runtime import INTERPRET, cdiv, empty, launch
+from . import cross_entropy_gluon
+from .cross_entropy import cross_entropy_fwd_bwd
 
 # Elements per program: large under the interpreter, which pays per program, not per element.
 BLOCK = 1 << 16 if INTERPRET else 4096
@@ -54,3 +59,23 @@ def scale_cast(
     launch(scale_cast_kernel, cdiv(n, BLOCK), (a, scale, out, n),
            dict(HAS_SCALE=scale is not None, BLOCK=BLOCK), num_warps=NUM_WARPS)
     return out
+
+
+def lm_head_loss_grad(
+    logits: torch.Tensor,
+    n_cols: int,
+    target: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (lse, loss), fp32 [N], of one chunk's logits (N, Vp) contiguous, the classes
+    its first n_cols columns, with dlogits written over those columns (the Gluon pass on
+    sm_90 for 16-bit rows it can hold, which also zeroes the columns past n_cols; else the
+    Triton kernel, which leaves them). target: [N] contiguous int64/int32; grad: fp32, [N] or
+    0-d, already scaled by the reduction."""
+    if cross_entropy_gluon.eligible(logits, n_cols):
+        return cross_entropy_gluon.lm_head_loss_grad(logits, n_cols, target, grad,
+                                                     ignore_index, label_smoothing)
+    classes = logits[:, :n_cols]
+    return cross_entropy_fwd_bwd(classes, target, grad, ignore_index, label_smoothing, classes)

@@ -7,6 +7,7 @@ The rows of x go through in chunks (``CHUNK``: a chunk's logits stay within
     logits_c = x_c @ W^T                       kernels.matmul.gemm, in the compute dtype
     lse_c, loss_c = CE forward                 kernels.cross_entropy, fp32 per row, and
     dlogits_c = CE backward, over logits_c     in place (no second buffer), one kernel
+                                               (kernels.linear_cross_entropy picks it)
     dX_c = dlogits_c @ W                       gemm (split-K when the tiles are few)
     dW += dlogits_c^T @ x_c                    gemm accumulating into an fp32 (V, d) buffer
                                                in its epilogue (no partial, no extra pass)
@@ -30,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
-from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd, cross_entropy_fwd_bwd
-from ..kernels.linear_cross_entropy import scale_cast
+from ..kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd
+from ..kernels.linear_cross_entropy import lm_head_loss_grad, scale_cast
 from ..kernels.matmul import gemm
 from ..runtime import (
     DEVICE_TYPE,
@@ -136,7 +137,8 @@ def _chunk(
     if g is None:
         return cross_entropy_fwd(lv, t_c, ignore_index, label_smoothing)
     if lse_c is None:  # loss and dlogits (in place) in one pass
-        lse_c, loss_c = cross_entropy_fwd_bwd(lv, t_c, g, ignore_index, label_smoothing, lv)
+        lse_c, loss_c = lm_head_loss_grad(logits, n_classes, t_c, g, ignore_index,
+                                          label_smoothing)
     else:
         cross_entropy_bwd(lv, t_c, lse_c, g, ignore_index, label_smoothing, out=lv)
     if dx_c is not None:  # padding columns hold 0 logits and meet 0 weight rows
