@@ -60,7 +60,8 @@ def _plan(vp: int) -> tuple[int, int, int] | None:
 
 
 def eligible(logits: torch.Tensor, n_cols: int) -> bool:
-    """Whether ``lm_head_loss_grad`` runs ``logits`` (rows of n_cols classes) on its device."""
+    """Whether ``lm_head_loss_grad_gluon`` runs ``logits`` (rows of n_cols classes) on its
+    device."""
     if INTERPRET or not is_hopper(logits.device):
         return False
     if logits.dtype not in (torch.float16, torch.bfloat16) or not logits.is_contiguous():
@@ -198,14 +199,9 @@ def lm_head_loss_grad_kernel(
         mbarrier.invalidate(bars.index(i))
 
 
-def lm_head_loss_grad(
-    logits: torch.Tensor,
-    n_cols: int,
-    target: torch.Tensor,
-    grad: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_head_loss_grad_gluon(logits: torch.Tensor, n_cols: int, target: torch.Tensor,
+                            grad: torch.Tensor, ignore_index: int,
+                            label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (lse, loss), fp32 [N], of logits (N, Vp) whose first n_cols columns are the
     classes (``eligible`` must hold), writing dlogits over the logits (columns n_cols.. get
     0). target: [N] contiguous int64/int32; grad: fp32, [N] or 0-d, scaled by the reduction

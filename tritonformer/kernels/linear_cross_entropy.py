@@ -75,7 +75,7 @@ def lm_head_loss_grad(
     Triton kernel, which leaves them). target: [N] contiguous int64/int32; grad: fp32, [N] or
     0-d, already scaled by the reduction."""
     if cross_entropy_gluon.eligible(logits, n_cols):
-        return cross_entropy_gluon.lm_head_loss_grad(logits, n_cols, target, grad,
-                                                     ignore_index, label_smoothing)
+        return cross_entropy_gluon.lm_head_loss_grad_gluon(logits, n_cols, target, grad,
+                                                           ignore_index, label_smoothing)
     classes = logits[:, :n_cols]
     return cross_entropy_fwd_bwd(classes, target, grad, ignore_index, label_smoothing, classes)
