@@ -712,7 +712,9 @@ def attention_bwd(
     lse: torch.Tensor, slopes: torch.Tensor | None, causal: bool, scale: float, allow_tf32: bool,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: delta, then dK/dV (and dQ by atomics) or dK/dV then dQ.
+    """Launch the backward: on sm_90 where ``gluon_bwd_tiling`` allows, the (LSE, delta)
+    rows, the Gluon kernel and dQ's conversion; else delta, then dK/dV (and dQ by atomics) or
+    dK/dV then dQ.
 
     do, out (B, H, Sq, D); q (B, H, Sq, D); k, v (B, H, Skv, D); lse fp32 contiguous (B, H, Sq).
     grads: None, or (dq, dk, dv) to write in place: q's, k's and v's shapes, q's dtype, any
@@ -724,11 +726,7 @@ def attention_bwd(
     B, H, SQ, D = q.shape
     SKV = k.shape[2]
     BD = block_d(D)
-    _, cfg = config_for(D, q.dtype, causal)
-    precision = _dot_precision(q.dtype, allow_tf32)
     alibi = _alibi_mode(slopes, causal, q.dtype)
-    slopes_arg = lse if slopes is None else slopes
-
     if grads is None:
         grads = (empty(q.shape, q.dtype, q.device), heads_interleaved(k.shape, q.dtype, q.device),
                  heads_interleaved(v.shape, q.dtype, q.device))  # fmt: skip
@@ -747,6 +745,9 @@ def attention_bwd(
         attention_bwd_gluon(do, q, k, v, stats, dq_acc, dk, dv, causal, scale, slopes, *tiling)
         _dq_convert(dq_acc, dq, scale)
         return dq, dk, dv
+    _, cfg = config_for(D, q.dtype, causal)
+    precision = _dot_precision(q.dtype, allow_tf32)
+    slopes_arg = lse if slopes is None else slopes
     delta = empty((B, H, SQ), torch.float32, q.device)
     launch(attn_bwd_delta_kernel, (triton.cdiv(SQ, DELTA_BLOCK_M), B * H),
            (out, do, delta, lse, *_strides(out), *_strides(do), H, SQ, 0),
