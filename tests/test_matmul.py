@@ -260,15 +260,16 @@ def test_gluon_tiling_choice():
     """The Gluon kernel's schedule per shape (132 SMs): one wave of narrower tiles for the
     weight gradients that 128 x 256 tiles under-fill, whole tiles plus split rows of tiles
     where the tiles overflow one wave, even K splits for the smallest, and 128 x 256 tiles
-    whole once they fill the SMs twice."""
-    t128, t128_4, t192, t256 = (km.GluonTiling(2, 128, 0, 5, 1.0),
-                                km.GluonTiling(2, 128, 0, 4, 1.01),
-                                km.GluonTiling(3, 128, 0, 4, 1.03),
-                                km.GluonTiling(2, 256, 0, 3, 1.0))
+    whole once they fill the SMs twice (as two 128-column accumulators, with a fourth stage,
+    below three times)."""
+    t128, t192, t256, deep = (km.GluonTiling(2, 128, 0, 5, 1.0),
+                              km.GluonTiling(3, 128, 0, 4, 1.03),
+                              km.GluonTiling(2, 256, 0, 3, 1.0),
+                              km.GluonTiling(2, 128, 128, 4, 1.0))
     expect = {
         (2304, 768): (t128, 108, 1, False),  # 108 tiles of 128 x 128
-        (3072, 768): (t128_4, 132, 11, False),  # 132 whole, the last 12 (2 rows) split 11 ways
-        (768, 3072): (t128_4, 132, 11, True),  # the same, the last 12 being 2 columns
+        (3072, 768): (t128, 132, 11, False),  # 132 whole, the last 12 (2 rows) split 11 ways
+        (768, 3072): (t128, 132, 11, True),  # the same, the last 12 being 2 columns
         (3072, 1024): (t192, 128, 1, False),  # 128 tiles of 192 x 128
         (2048, 2048): (t256, 128, 1, False),  # 128 tiles of 128 x 256
         (768, 768): (t128, 0, 3, False),  # 36 tiles, K split 3 ways
@@ -276,10 +277,14 @@ def test_gluon_tiling_choice():
     }
     for (m, n), want in expect.items():
         assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(*want), (m, n)
-    for t in km.GLUON_TILINGS:
+    for t in (*km.GLUON_TILINGS, km.GLUON_DEEP):
         assert t.smem(2) <= km.GLUON_SMEM  # every tiling fits a 16-bit C
-    for m, n in ((16384, 768), (50304, 768)):  # forward, LM head dW: 384, 1179 tiles whole
-        assert km.gluon_tiling(m, n, 16384, 132) == km.GluonSchedule(t256, m // 128 * 3, 1)
+    # forward and dX (K 3072): 384 tiles (2.9 waves), 512 tiles; weight gradients (K 16384):
+    # 384 tiles, the LM head's 1179 tiles; all whole
+    for (m, n, k), t in {(16384, 768, 3072): deep, (16384, 1024, 3072): t256,
+                         (6144, 2048, 16384): t256, (50304, 768, 16384): t256}.items():
+        tiles = m // 128 * -(-n // 256)
+        assert km.gluon_tiling(m, n, k, 132) == km.GluonSchedule(t, tiles, 1), (m, n, k)
     # for a bias or an activation, whole tiles only
     for (m, n), want in expect.items():
         schedule = km.gluon_tiling(m, n, 16384, 132, whole=True)
@@ -408,16 +413,17 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
         a = randn(k, m, dtype=dtype).t() if ta else randn(m, k, dtype=dtype)
         b = randn(n, k, dtype=dtype).t() if tb else randn(k, n, dtype=dtype)
         ref = a.double() @ b.double()
-        for t in km.GLUON_TILINGS:
+        for t in (*km.GLUON_TILINGS, km.GLUON_DEEP):
             n_cols = -(-n // (t.block_n + t.tail_n))
             tiles = -(-m // (64 * t.consumers)) * n_cols
             n_rows = tiles // n_cols
             # whole tiles; every tile split; whole tiles, then the last row (or column) of
-            # tiles split
-            for dp, split, cols, staged in ((tiles, 1, False, 2), (0, 3, False, 4),
-                                            (tiles - n_cols, 3, False, 6),
-                                            (tiles - n_rows, 3, True, 6)):
-                if t.smem(staged) > km.GLUON_SMEM or (staged == 6 and dp == 0):
+            # tiles split (C staged within the workspace's buffers)
+            for dp, split, cols, mixed in ((tiles, 1, False, False), (0, 3, False, False),
+                                           (tiles - n_cols, 3, False, True),
+                                           (tiles - n_rows, 3, True, True)):
+                staged = 2 if dp == tiles else 4
+                if t.smem(staged) > km.GLUON_SMEM or (mixed and dp == 0):
                     continue
                 schedule = km.GluonSchedule(t, dp, split, cols)
                 monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule, **__: s)
@@ -426,7 +432,7 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
                 assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
                 name = f"{m}x{n}x{k} ta={ta} tb={tb} {schedule}"
                 assert_close(c, ref, a @ b, name)
-                if staged == 6:
+                if mixed:
                     continue
                 # a bias: in the Gluon epilogue on whole tiles; split tiles take the Triton
                 # kernel

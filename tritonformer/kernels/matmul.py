@@ -133,11 +133,13 @@ class GluonTiling:
 
     def smem(self, staged_bytes: int) -> int:
         """Shared memory of the operand ring (16-bit A and B) and the epilogue's staging of
-        staged_bytes per output element: 2 for a 16-bit C, 4 for the fp32 workspace, 6 for
-        both."""
+        staged_bytes per output element: 2 for a 16-bit C, 4 for the fp32 workspace (or both:
+        C is staged within the workspace's buffer)."""
         cols = self.block_n + self.tail_n
         stage = 2 * self.block_k * (64 * self.consumers + cols)
-        return self.num_stages * stage + self.consumers * 64 * cols * staged_bytes
+        # a tail as wide as the block is staged after it, through the same buffer
+        staged_cols = self.block_n if self.tail_n == self.block_n else cols
+        return self.num_stages * stage + self.consumers * 64 * staged_cols * staged_bytes
 
 
 class GluonSchedule(NamedTuple):
@@ -159,8 +161,13 @@ class GluonSchedule(NamedTuple):
 # the earlier entry. Narrower tiles fill 132 SMs in one wave where 128 x 256 cannot: 192 x
 # 128 (3072 x 1024: 128 tiles), 128 x 128 (2304 x 768: 108 tiles), 128 x 160 (3072 x 768 with
 # K 4096: 120 tiles); or whole tiles for one wave and the rest split across the SMs (3072 x
-# 768: 132 + 12 tiles of 128 x 128). Stages and speeds measured on an H100 (kernel time per
-# tile step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. An fp32 C (an fp32
+# 768: 132 + 12 tiles of 128 x 128, C's staging inside the workspace's so that five stages
+# fit: 0.94 -> 0.98x cuBLAS, docs/perf/matmul.md v14). Stages and speeds measured on an H100
+# (kernel time per tile step: 0.73, 0.75, 0.78-0.80, 0.73 us), docs/perf/matmul.md v7. Between
+# GLUON_MAX_WAVES and GLUON_DEEP_WAVES waves of 128 x 256 tiles with K up to GLUON_DEEP_MAX_K
+# (16384 tokens into 768 features) the same tiles as two 128-column accumulators staged one
+# after the other (GLUON_DEEP), which leaves room for a fourth stage: 0.94-0.95 -> 0.96-0.99x
+# cuBLAS there, slower from 3.9 waves on and at K = 16384 (v14). An fp32 C (an fp32
 # weight's gradient under autocast) stays with the Triton kernel: staging fp32 tiles leaves
 # shared memory for slower schedules only (0.79-0.97x cuBLAS against the Triton kernel's
 # 0.82-1.0x on the d_model 768/1024 weight gradients), as do a bias or an activation on a
@@ -174,9 +181,11 @@ GLUON_TILINGS = (
     GluonTiling(3, 128, 0, 4, speed=1.03),
     GluonTiling(2, 128, 32, 4, speed=1.08),
     GluonTiling(2, 128, 0, 5, speed=1.0),
-    GluonTiling(2, 128, 0, 4, speed=1.01),  # room to stage whole and split tiles both
 )
 GLUON_MAX_WAVES = 2
+GLUON_DEEP = GluonTiling(2, 128, 128, 4, speed=1.0)
+GLUON_DEEP_WAVES = 3
+GLUON_DEEP_MAX_K = 4096
 # The activations the Gluon kernel applies in its epilogue; the others (exact GELU) go
 # through a separate elementwise pass over Z (``activations.activation_into``). Both consumer
 # warpgroups finish a tile together, so its epilogue is not hidden behind wgmmas, and erf
@@ -551,14 +560,16 @@ def _schedule_cost(tiles: int, dp: int, splits: int, k_steps: int, sms: int) -> 
 
 def gluon_tiling(m: int, n: int, k: int, sms: int, whole: bool = False) -> GluonSchedule:
     """The Gluon kernel's schedule for an (m, k) @ (k, n) product with a 16-bit output: 128 x
-    256 tiles whole once they fill the SMs GLUON_MAX_WAVES times, else the least cost of, per
+    256 tiles whole once they fill the SMs GLUON_MAX_WAVES times (as GLUON_DEEP's two
+    accumulators below GLUON_DEEP_WAVES and GLUON_DEEP_MAX_K), else the least cost of, per
     tiling: every tile whole; every tile's K split evenly; and, with more tiles than SMs,
     whole tiles for full waves and the rest (whole rows or columns of tiles, last in order)
     split across all the SMs. With ``whole``, whole tiles only (for a bias or an activation,
     applied in the epilogue)."""
-    t256 = GLUON_TILINGS[0]
-    if cdiv(m, 128) * cdiv(n, 256) >= GLUON_MAX_WAVES * sms:
-        return GluonSchedule(t256, cdiv(m, 128) * cdiv(n, 256), 1)
+    tiles = cdiv(m, 128) * cdiv(n, 256)
+    if tiles >= GLUON_MAX_WAVES * sms:
+        deep = tiles < GLUON_DEEP_WAVES * sms and k <= GLUON_DEEP_MAX_K
+        return GluonSchedule(GLUON_DEEP if deep else GLUON_TILINGS[0], tiles, 1)
     best, best_cost = None, None
     for t in GLUON_TILINGS:
         n_rows, n_cols = cdiv(m, 64 * t.consumers), cdiv(n, t.block_n + t.tail_n)
@@ -573,7 +584,7 @@ def gluon_tiling(m: int, n: int, k: int, sms: int, whole: bool = False) -> Gluon
             if cdiv(k_steps, s) < MIN_STEPS_PER_SPLIT:
                 break
             candidates.append((0, s, False, 4))
-            candidates += [(tiles - tail, s, cols, 6) for tail, cols in tails if tail < tiles]
+            candidates += [(tiles - tail, s, cols, 4) for tail, cols in tails if tail < tiles]
         for dp, s, cols, staged in candidates:
             if t.smem(staged) > GLUON_SMEM:
                 continue

@@ -9,13 +9,14 @@ schedule, ``matmul.gemm`` launches it).
 
 Tiles are CONSUMERS * 64 rows (two or three consumer warpgroups of 64 rows) by BN columns,
 plus TAIL_N more in a second accumulator (128 x 160 = 128 + 32): sizes that fill the 132 SMs
-in one wave where 128 x 256 cannot. The work units: the first dp_tiles tiles whole (all of
-K, stored to C), then every other tile's K in ``GluonSchedule.sk_splits`` pieces (all of
-those tiles' first pieces, then their second, ...), each stored as fp32 partial sums to a
-workspace that ``matmul.reduce_splits_kernel`` adds up into C. Those split tiles
-are whole rows of tiles (or, with the tiles in column order, whole columns) at the end of the
-order, so the workspace covers one block of C. dp_tiles = 0 is plain split-K; no split tiles,
-a plain GEMM.
+in one wave where 128 x 256 cannot; or 128 x (128 + 128), the tail staged after the block
+through the same buffer, which leaves shared memory for a fourth stage. The work units:
+the first dp_tiles tiles whole (all of K, stored to C), then every other tile's K in
+``GluonSchedule.sk_splits`` pieces (all of those tiles' first pieces, then their second,
+...), each stored as fp32 partial sums to a workspace that ``matmul.reduce_splits_kernel``
+adds up into C. Those split tiles are whole rows of tiles (or, with the tiles in column
+order, whole columns) at the end of the order, so the workspace covers one block of C.
+dp_tiles = 0 is plain split-K; no split tiles, a plain GEMM.
 
 One program per SM walks the units ``unit = pid + i * NUM_SMS`` with these partitions:
 
@@ -100,14 +101,19 @@ def _stage_store(acc, acc_t, desc, desc_t, smem, smem_t, row, col, BN: gl.conste
                  TAIL_N: gl.constexpr):
     """One consumer's epilogue: its accumulators (and the tail's) through shared memory to
     (row, col) of desc (and col + BN of desc_t) by TMA, once the previous stores have read
-    the staging buffers."""
+    the staging buffers (a tail as wide as the block: through smem, after the block)."""
     tma.store_wait(0)
     smem.store(acc.to(desc.dtype))
-    if TAIL_N > 0:
+    if TAIL_N > 0 and TAIL_N != BN:
         smem_t.store(acc_t.to(desc.dtype))
     fence_async_shared()
     gl.thread_barrier()  # every thread's part is staged before the TMA stores read it
     tma.async_copy_shared_to_global(desc, [row, col], smem)
+    if TAIL_N == BN:  # the tail shares the staging buffer: staged once the store has read it
+        tma.store_wait(0)
+        smem.store(acc_t.to(desc.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
     if TAIL_N > 0:
         tma.async_copy_shared_to_global(desc_t, [row, col + BN], smem_t)
 
@@ -163,8 +169,9 @@ def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: g
     (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
      c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_steps,
      k_steps, ws_rows, tail_row0, tail_col0) = args
-    c_smem = c_smem.index(W)
-    ct_smem = ct_smem.index(W)
+    # C's staging buffers within the workspace's: two per consumer (see gemm_gluon_kernel)
+    c_smem = c_smem.index(W * (c_smem.shape[0] // CONSUMERS))
+    ct_smem = ct_smem.index(W * (ct_smem.shape[0] // CONSUMERS))
     w_smem = w_smem.index(W)
     wt_smem = wt_smem.index(W)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -276,20 +283,23 @@ def gemm_gluon_kernel(
             bt_smem = gl.allocate_shared_memory(dtype, [STAGES, TAIL_N, BK], bt_desc.layout)
         else:
             bt_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, TAIL_N], bt_desc.layout)
-    # each consumer stages its [ROWS, BN] part of a tile (and [ROWS, TAIL_N] of the tail) for
-    # C and, split, for the workspace; one set of buffers when only one of them is written
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, BN], c_desc.layout)
-    ct_smem = c_smem
-    if TAIL_N > 0:
-        ct_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
-                                            ct_desc.layout)
-    w_smem = c_smem
-    wt_smem = ct_smem
+    # each consumer stages its [ROWS, BN] part of a tile (and [ROWS, TAIL_N] of the tail, in
+    # the same buffer after it when as wide) for C and, split, for the workspace. With both,
+    # C's staging is the first half of the consumer's fp32 workspace staging, viewed as two
+    # 16-bit buffers per consumer (a consumer's stores wait for its previous ones to read).
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, BN], w_desc.layout)
+    c_smem = w_smem
     if HAS_DP and HAS_SK:
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, BN], w_desc.layout)
-        if TAIL_N > 0:
-            wt_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
-                                                wt_desc.layout)
+        c_smem = w_smem._reinterpret(c_desc.dtype, [2 * CONSUMERS, ROWS, BN], c_desc.layout)
+    wt_smem = w_smem
+    ct_smem = c_smem
+    if TAIL_N > 0 and TAIL_N != BN:
+        wt_smem = gl.allocate_shared_memory(w_desc.dtype, [CONSUMERS, ROWS, TAIL_N],
+                                            wt_desc.layout)
+        ct_smem = wt_smem
+        if HAS_DP and HAS_SK:
+            ct_smem = wt_smem._reinterpret(c_desc.dtype, [2 * CONSUMERS, ROWS, TAIL_N],
+                                           ct_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
