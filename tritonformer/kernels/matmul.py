@@ -795,11 +795,13 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
         targets["d"] = (m, n)
     # per output (C, the workspace, D): its descriptors' (shape, strides, block) and the
     # tail's (or None)
+    # (or None: no tail, or one as wide as the block, whose descriptors the kernel reuses)
+    tail = t.tail_n and t.tail_n != t.block_n
     outs = {name: (([*shape], [shape[1], 1], [64, t.block_n]),
-                   ([*shape], [shape[1], 1], [64, t.tail_n]) if t.tail_n else None)
+                   ([*shape], [shape[1], 1], [64, t.tail_n]) if tail else None)
             for name, shape in targets.items()}
-    descs = (desc(la, 64, bk), desc(lb, bk, t.block_n),
-             desc(lb, bk, t.tail_n) if t.tail_n else None, outs)
+    descs = (desc(la, 64, bk), desc(lb, bk, t.block_n), desc(lb, bk, t.tail_n) if tail else None,
+             outs)
     # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
     # order) so that the split tiles come last as whole rows (columns)
     group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
@@ -911,8 +913,8 @@ def gemm(
         descs = {name: (gluon_descriptor(tensors[name], *main),
                         tail and gluon_descriptor(tensors[name], *tail))
                  for name, (main, tail) in outs.items()}
-        cd, ctd = descs.get("c") or descs["ws"]  # one stands in for the other when absent
-        wd, wtd = descs.get("ws") or descs["c"]
+        cd, ctd = descs.get("c", (None, None))  # the kernel reuses one for the other
+        wd, wtd = descs.get("ws", (None, None))
         dd, dtd = descs.get("d", (None, None))
         args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
                 sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, dd, dtd, bias, m, n,

@@ -238,15 +238,16 @@ def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: g
 def gemm_gluon_kernel(
     a_desc,  # A (M, K), block [ROWS, BK]; with A_T its storage (K, M), block [BK, ROWS]
     b_desc,  # B (K, N), block [BK, BN]; with B_T its storage (N, K), block [BN, BK]
-    bt_desc,  # TAIL_N > 0: B again, block [BK, TAIL_N] (B_T: [TAIL_N, BK]); else None
-    c_desc,  # C (M, N), block [ROWS, BN] (HAS_DP; else w_desc again)
-    ct_desc,  # TAIL_N > 0: C again, block [ROWS, TAIL_N]; else None
+    # (each descriptor the host encodes costs launch time: the kernel reuses the main ones
+    # for tails as wide as the block, and C's and the workspace's for each other)
+    bt_desc,  # 0 < TAIL_N != BN: B again, block [BK, TAIL_N] (B_T: [TAIL_N, BK]); else None
+    c_desc,  # HAS_DP: C (M, N), block [ROWS, BN]; else None
+    ct_desc,  # HAS_DP and 0 < TAIL_N != BN: C again, block [ROWS, TAIL_N]; else None
     w_desc,  # HAS_SK: the fp32 workspace (pieces * ws_rows, N - tail_col0), block
-             # [ROWS, BN];
-             # else c_desc again
-    wt_desc,  # HAS_SK and TAIL_N > 0: the workspace, block [ROWS, TAIL_N]; else ct_desc again
+             # [ROWS, BN]; else None
+    wt_desc,  # HAS_SK and 0 < TAIL_N != BN: the workspace, block [ROWS, TAIL_N]; else None
     d_desc,  # SAVE_Z: D (M, N), C's dtype, block [ROWS, BN]; else None
-    dt_desc,  # SAVE_Z and TAIL_N > 0: D again, block [ROWS, TAIL_N]; else None
+    dt_desc,  # SAVE_Z and 0 < TAIL_N != BN: D again, block [ROWS, TAIL_N]; else None
     bias_ptr,  # HAS_BIAS: (N,) any float dtype, added in fp32 to every whole tile; else None
     M, N,
     units,  # dp_tiles + (tiles - dp_tiles) * the K pieces of each other tile
@@ -268,6 +269,23 @@ def gemm_gluon_kernel(
     NUM_SMS: gl.constexpr,  # programs launched; each walks every NUM_SMS-th unit
 ):
     """Persistent, warp-specialised: see the module docstring."""
+    # (a name is rebound to descriptors only: a None rebound in a static if loses its type)
+    if TAIL_N == BN:
+        bt_desc = b_desc
+        if HAS_DP:
+            ct_desc = c_desc
+        if HAS_SK:
+            wt_desc = w_desc
+        if SAVE_Z:
+            dt_desc = d_desc
+    if not HAS_DP:  # C's descriptors stand in where only the workspace is written, and back
+        c_desc = w_desc
+        if TAIL_N > 0:
+            ct_desc = wt_desc
+    if not HAS_SK:
+        w_desc = c_desc
+        if TAIL_N > 0:
+            wt_desc = ct_desc
     dtype: gl.constexpr = a_desc.dtype
     if A_T:
         a_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * STAGES, BK, ROWS], a_desc.layout)
