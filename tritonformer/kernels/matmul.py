@@ -794,8 +794,8 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
     if save_z and fused:
         targets["d"] = (m, n)
     # per output (C, the workspace, D): its descriptors' (shape, strides, block) and the
-    # tail's (or None)
-    # (or None: no tail, or one as wide as the block, whose descriptors the kernel reuses)
+    # tail's (or None: no tail, or one as wide as the block, whose descriptors the kernel
+    # reuses)
     tail = t.tail_n and t.tail_n != t.block_n
     outs = {name: (([*shape], [shape[1], 1], [64, t.block_n]),
                    ([*shape], [shape[1], 1], [64, t.tail_n]) if tail else None)
