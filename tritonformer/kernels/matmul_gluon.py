@@ -169,7 +169,8 @@ def _consumer(W: gl.constexpr, args, A_T: gl.constexpr, B_T: gl.constexpr, BN: g
     (c_desc, ct_desc, w_desc, wt_desc, d_desc, dt_desc, bias_ptr, a_smem, b_smem, bt_smem,
      c_smem, ct_smem, w_smem, wt_smem, ready, empty, M, N, units, dp_tiles, sk_steps,
      k_steps, ws_rows, tail_row0, tail_col0) = args
-    # C's staging buffers within the workspace's: two per consumer (see gemm_gluon_kernel)
+    # with whole and split tiles C is staged within the workspace's buffer, viewed as two
+    # 16-bit buffers per consumer (see gemm_gluon_kernel); else one buffer per consumer
     c_smem = c_smem.index(W * (c_smem.shape[0] // CONSUMERS))
     ct_smem = ct_smem.index(W * (ct_smem.shape[0] // CONSUMERS))
     w_smem = w_smem.index(W)
