@@ -651,8 +651,8 @@ class _Plan(NamedTuple):
     ws_rows: int  # workspace rows per split and batch matrix
     reduce_add: bool  # the splits are summed by TMA reduce-adds into one fp32 (M, N) tensor
     descs: tuple  # TMA: (A's, B's (transposed?, shape, strides, block)), C's and D's blocks;
-    # Gluon: A's, B's, B's tail (or None) as (shape, strides, block), and per output ("c",
-    # "ws", "d") the (shape, strides, block) of its descriptor and of its tail's (or None)
+    # Gluon: A's, B's, B's tail (or None) as (shape, strides, block), and per output (C, the
+    # workspace, D) None or the (shape, strides, block) of its descriptor and of its tail's
     grid: tuple[int, int]
     constexprs: dict  # the kernel's constexpr arguments, in signature order
     options: dict  # num_warps, num_stages
@@ -788,18 +788,15 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
 
     ws_shape = (splits * ws_rows, n - origin[1]) if split_tiles else ()
     fused = act in GLUON_EPILOGUE_ACTIVATIONS
-    targets = {"c": (m, n)} if dp else {}
-    if split_tiles:
-        targets["ws"] = ws_shape
-    if save_z and fused:
-        targets["d"] = (m, n)
-    # per output (C, the workspace, D): its descriptors' (shape, strides, block) and the
-    # tail's (or None: no tail, or one as wide as the block, whose descriptors the kernel
-    # reuses)
     tail = t.tail_n and t.tail_n != t.block_n
-    outs = {name: (([*shape], [shape[1], 1], [64, t.block_n]),
-                   ([*shape], [shape[1], 1], [64, t.tail_n]) if tail else None)
-            for name, shape in targets.items()}
+
+    def out(shape):  # an output's descriptors: the main one's (shape, strides, block) and the
+        # tail's (None: no tail, or one as wide as the block, whose descriptors the kernel reuses)
+        return (([*shape], [shape[1], 1], [64, t.block_n]),
+                ([*shape], [shape[1], 1], [64, t.tail_n]) if tail else None)
+
+    outs = (out((m, n)) if dp else None, out(ws_shape) if split_tiles else None,
+            out((m, n)) if save_z and fused else None)  # C, the workspace, D (None: not written)
     descs = (desc(la, 64, bk), desc(lb, bk, t.block_n), desc(lb, bk, t.tail_n) if tail else None,
              outs)
     # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
@@ -909,16 +906,12 @@ def gemm(
         z = None
         if plan.activation_pass:  # the kernel's C is Z (D when it is returned)
             z = d if save_z else empty(plan.out_shape, out_dtype, dev)
-        tensors = {"c": c if z is None else z, "ws": ws, "d": d}
-        descs = {name: (gluon_descriptor(tensors[name], *main),
-                        tail and gluon_descriptor(tensors[name], *tail))
-                 for name, (main, tail) in outs.items()}
-        cd, ctd = descs.get("c", (None, None))  # the kernel reuses one for the other
-        wd, wtd = descs.get("ws", (None, None))
-        dd, dtd = descs.get("d", (None, None))
-        args = (gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
-                sbt and gluon_descriptor(b, *sbt), cd, ctd, wd, wtd, dd, dtd, bias, m, n,
-                *plan.gluon_args)
+        args = [gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
+                sbt and gluon_descriptor(b, *sbt)]
+        for t, spec in zip((c if z is None else z, ws, d), outs, strict=True):
+            main, tail = spec or (None, None)  # (None passed: the kernel reuses another's)
+            args += (main and gluon_descriptor(t, *main), tail and gluon_descriptor(t, *tail))
+        args += (bias, m, n, *plan.gluon_args)
         launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
                **plan.options)
         if z is not None:

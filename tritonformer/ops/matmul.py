@@ -104,21 +104,16 @@ def _rows(a: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on, else the inputs' (common) dtype, t's."""
-    return autocast_dtype() or t.dtype
-
-
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """t in dtype (t itself when it already is: ``Tensor.to`` costs ~1 us of host time)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor,
-                    batch: tuple[int, ...]) -> torch.Tensor:
-    """The product, batch dims ``batch`` (a's and b's broadcast), and with an autograd ``ctx``
-    what its backward needs (ctx None: no graph is recorded, nothing is saved)."""
-    dt = _compute_dtype(a)
+def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor, batch: tuple[int, ...],
+                    dt: torch.dtype) -> torch.Tensor:
+    """The product in dtype ``dt``, batch dims ``batch`` (a's and b's broadcast), and with an
+    autograd ``ctx`` what its backward needs (ctx None: no graph is recorded, nothing is
+    saved)."""
     ac, bc = _cast(a, dt), _cast(b, dt)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if b.dim() == 2:
@@ -141,17 +136,19 @@ def _matmul_forward(ctx, a: torch.Tensor, b: torch.Tensor,
     return out
 
 
-def _records_grad(*tensors: torch.Tensor | None) -> bool:
+def _records_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> bool:
     """Whether autograd records an op on these inputs (else the ops skip their autograd
     Function, whose bookkeeping costs tens of microseconds per call)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (
+        a.requires_grad or b.requires_grad or (c is not None and c.requires_grad))
 
 
 class MatmulFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
-        return _matmul_forward(ctx, a, b, batch)
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, batch: tuple[int, ...],
+                dt: torch.dtype) -> torch.Tensor:
+        return _matmul_forward(ctx, a, b, batch, dt)
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
@@ -167,7 +164,7 @@ class MatmulFunction(torch.autograd.Function):
                 da = gemm(dc2, y.t(), a_dtype).c.view(a_shape)
             if need_b:  # dB = A^T dC, reduced over all rows in fp32
                 db = gemm(x.t(), dc2, b_dtype).c.view(b_shape)
-            return da, db, None
+            return da, db, None, None
         nb = len(batch)
 
         def keep(shape: torch.Size) -> list[bool]:
@@ -178,7 +175,7 @@ class MatmulFunction(torch.autograd.Function):
             da = _batched_gemm(dc, y.transpose(-1, -2), keep(a_shape), a_dtype).view(a_shape)
         if need_b:
             db = _batched_gemm(x.transpose(-1, -2), dc, keep(b_shape), b_dtype).view(b_shape)
-        return da, db, None
+        return da, db, None, None
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,8 +195,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_tensor(a, "a", min_ndim=2)
     check_tensor(b, "b", min_ndim=2)
     check_same_device(a=a, b=b)
-    if autocast_dtype() is None:
+    dt = autocast_dtype()
+    if dt is None:
         check_same_dtype(a=a, b=b)
+        dt = a.dtype
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(
             f"a's last dimension ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]}); "
@@ -212,17 +211,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             "do not broadcast"
         )
     if not _records_grad(a, b):
-        return _matmul_forward(None, a, b, batch)
-    return MatmulFunction.apply(a, b, batch)
+        return _matmul_forward(None, a, b, batch, dt)
+    return MatmulFunction.apply(a, b, batch, dt)
 
 
-def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
-    """activation(x W^T + b), and with an autograd ``ctx`` what its backward needs, the
-    activation's input Z = x W^T + b included (ctx None: no graph is recorded, nothing is
-    saved)."""
-    dt = _compute_dtype(x)
+def _linear_forward(ctx, x, weight, bias, activation: str | None,
+                    dt: torch.dtype) -> torch.Tensor:
+    """activation(x W^T + b) in dtype ``dt``, and with an autograd ``ctx`` what its backward
+    needs, the activation's input Z = x W^T + b included (ctx None: no graph is recorded,
+    nothing is saved)."""
     xc, wc = _cast(x, dt), _cast(weight, dt)  # the bias is read in its own dtype, into fp32
-    x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
+    flat = xc.dim() == 2
+    x2 = xc if flat else xc.reshape(-1, x.shape[-1])
     y2, z = gemm(x2, wc.t(), dt, bias=bias, activation_name=activation,
                  save_z=ctx is not None and activation is not None)
     if ctx is not None:
@@ -231,14 +231,14 @@ def _linear_forward(ctx, x, weight, bias, activation: str | None) -> torch.Tenso
         ctx.activation = activation
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.x_shape = x.shape
-    return y2.view(*x.shape[:-1], weight.shape[0])
+    return y2 if flat else y2.view(*x.shape[:-1], weight.shape[0])
 
 
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     @custom_fwd(device_type=DEVICE_TYPE)
-    def forward(ctx, x, weight, bias, activation: str | None) -> torch.Tensor:
-        return _linear_forward(ctx, x, weight, bias, activation)
+    def forward(ctx, x, weight, bias, activation: str | None, dt: torch.dtype) -> torch.Tensor:
+        return _linear_forward(ctx, x, weight, bias, activation, dt)
 
     @staticmethod
     @custom_bwd(device_type=DEVICE_TYPE)
@@ -256,7 +256,7 @@ class LinearFunction(torch.autograd.Function):
             dx = gemm(dz, wc, x_dtype).c.view(ctx.x_shape)
         if need_w:  # dW = dZ^T X, reduced over every row in fp32
             dw = gemm(dz.t(), x2, w_dtype).c
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def linear(
@@ -288,8 +288,10 @@ def linear(
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
     check_same_device(x=x, weight=weight, bias=bias)
-    if autocast_dtype() is None:
+    dt = autocast_dtype()
+    if dt is None:
         check_same_dtype(x=x, weight=weight, bias=bias)
+        dt = x.dtype
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"x's last dimension ({x.shape[-1]}) must equal weight's in_features "
@@ -301,5 +303,5 @@ def linear(
             f"{tuple(bias.shape)}"
         )
     if not _records_grad(x, weight, bias):
-        return _linear_forward(None, x, weight, bias, activation)
-    return LinearFunction.apply(x, weight, bias, activation)
+        return _linear_forward(None, x, weight, bias, activation, dt)
+    return LinearFunction.apply(x, weight, bias, activation, dt)
