@@ -399,13 +399,19 @@ def test_split_k_gpu():
                 assert torch.equal(r1, again)
 
 
+def _tiling_id(t: km.GluonTiling) -> str:
+    return f"{64 * t.consumers}x{t.block_n}+{t.tail_n}s{t.num_stages}"
+
+
 @gpu
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_gluon_kernel_gpu(dtype, monkeypatch):
-    """Every Gluon tiling with every kind of schedule (whole tiles; every tile's K split;
-    whole tiles, then the last row or column of tiles split) on odd shapes, each operand
-    given directly or through its transposed storage, against float64 and cuBLAS."""
+@pytest.mark.parametrize("t", [*km.GLUON_TILINGS, km.GLUON_DEEP], ids=_tiling_id)
+def test_gluon_kernel_gpu(dtype, t, monkeypatch):
+    """Every Gluon tiling (one test each: their many compilations spread over pytest-xdist's
+    workers) with every kind of schedule (whole tiles; every tile's K split; whole tiles, then
+    the last row or column of tiles split) on odd shapes, each operand given directly or
+    through its transposed storage, against float64 and cuBLAS."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon GEMM needs sm_90")
     shapes = ((1000, 520, 776), (136, 40, 4000), (8, 8, 64), (2304, 768, 16384))
@@ -413,43 +419,42 @@ def test_gluon_kernel_gpu(dtype, monkeypatch):
         a = randn(k, m, dtype=dtype).t() if ta else randn(m, k, dtype=dtype)
         b = randn(n, k, dtype=dtype).t() if tb else randn(k, n, dtype=dtype)
         ref = a.double() @ b.double()
-        for t in (*km.GLUON_TILINGS, km.GLUON_DEEP):
-            n_cols = -(-n // (t.block_n + t.tail_n))
-            tiles = -(-m // (64 * t.consumers)) * n_cols
-            n_rows = tiles // n_cols
-            # whole tiles; every tile split; whole tiles, then the last row (or column) of
-            # tiles split (C staged within the workspace's buffers)
-            for dp, split, cols, mixed in ((tiles, 1, False, False), (0, 3, False, False),
-                                           (tiles - n_cols, 3, False, True),
-                                           (tiles - n_rows, 3, True, True)):
-                staged = 2 if dp == tiles else 4
-                if t.smem(staged) > km.GLUON_SMEM or (mixed and dp == 0):
-                    continue
-                schedule = km.GluonSchedule(t, dp, split, cols)
-                monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule, **__: s)
-                km._PLANS.clear()
-                c = km.gemm(a, b, dtype).c
-                assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
-                name = f"{m}x{n}x{k} ta={ta} tb={tb} {schedule}"
-                assert_close(c, ref, a @ b, name)
-                if mixed:
-                    continue
-                # a bias: in the Gluon epilogue on whole tiles; split tiles take the Triton
-                # kernel
-                bias = randn(n, dtype=dtype)
-                c = km.gemm(a, b, dtype, bias=bias).c
-                kernel = list(km._PLANS.values())[-1].kernel
-                assert kernel is (km.gemm_gluon_kernel if dp == tiles else km.gemm_tma_kernel)
-                assert_close(c, ref + bias.double(), torch.addmm(bias, a, b), name + " bias")
-                if dp == tiles and tb and not ta:  # bias and GELU in the epilogue, Z
-                    # stored too (a linear forward's layout; each variant compiles anew)
-                    c, d = km.gemm(a, b, dtype, bias=bias, activation_name="gelu_tanh",
-                                   save_z=True)
-                    assert list(km._PLANS.values())[-1].kernel is km.gemm_gluon_kernel
-                    z, zb = ref + bias.double(), torch.addmm(bias, a, b)
-                    assert_close(c, reference.gelu_tanh(z), reference.gelu_tanh(zb),
-                                 name + " gelu")
-                    assert_close(d, z, zb, name + " z")
+        n_cols = -(-n // (t.block_n + t.tail_n))
+        tiles = -(-m // (64 * t.consumers)) * n_cols
+        n_rows = tiles // n_cols
+        # whole tiles; every tile split; whole tiles, then the last row (or column) of
+        # tiles split (C staged within the workspace's buffers)
+        for dp, split, cols, mixed in ((tiles, 1, False, False), (0, 3, False, False),
+                                       (tiles - n_cols, 3, False, True),
+                                       (tiles - n_rows, 3, True, True)):
+            staged = 2 if dp == tiles else 4
+            if t.smem(staged) > km.GLUON_SMEM or (mixed and dp == 0):
+                continue
+            schedule = km.GluonSchedule(t, dp, split, cols)
+            monkeypatch.setattr(km, "gluon_tiling", lambda *_, s=schedule, **__: s)
+            km._PLANS.clear()
+            c = km.gemm(a, b, dtype).c
+            assert next(iter(km._PLANS.values())).kernel is km.gemm_gluon_kernel
+            name = f"{m}x{n}x{k} ta={ta} tb={tb} {schedule}"
+            assert_close(c, ref, a @ b, name)
+            if mixed:
+                continue
+            # a bias: in the Gluon epilogue on whole tiles; split tiles take the Triton
+            # kernel
+            bias = randn(n, dtype=dtype)
+            c = km.gemm(a, b, dtype, bias=bias).c
+            kernel = list(km._PLANS.values())[-1].kernel
+            assert kernel is (km.gemm_gluon_kernel if dp == tiles else km.gemm_tma_kernel)
+            assert_close(c, ref + bias.double(), torch.addmm(bias, a, b), name + " bias")
+            if dp == tiles and tb and not ta:  # bias and GELU in the epilogue, Z
+                # stored too (a linear forward's layout; each variant compiles anew)
+                c, d = km.gemm(a, b, dtype, bias=bias, activation_name="gelu_tanh",
+                               save_z=True)
+                assert list(km._PLANS.values())[-1].kernel is km.gemm_gluon_kernel
+                z, zb = ref + bias.double(), torch.addmm(bias, a, b)
+                assert_close(c, reference.gelu_tanh(z), reference.gelu_tanh(zb),
+                             name + " gelu")
+                assert_close(d, z, zb, name + " z")
     km._PLANS.clear()
 
 
