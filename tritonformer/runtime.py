@@ -212,30 +212,37 @@ def check_tensor(
     return t
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> None:
-    """Check that all the given (non-None) tensors are on one device."""
+def _mismatch(tensors: dict[str, torch.Tensor | None], attr: str) -> tuple | None:
+    """(name, value, first name, first value) of the first non-None tensor whose ``attr``
+    differs from the first one's, or None when they all agree."""
     first = None
     for name, t in tensors.items():
         if t is None:
             continue
+        value = getattr(t, attr)
         if first is None:
-            first = name, t.device
-        elif t.device != first[1]:
-            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}; "
-                             "all tensors must be on one device")
+            first = name, value
+        elif value != first[1]:
+            return name, value, *first
+    return None
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Check that all the given (non-None) tensors are on one device."""
+    bad = _mismatch(tensors, "device")
+    if bad is not None:
+        name, device, first, first_device = bad
+        raise ValueError(f"{name} is on {device} but {first} is on {first_device}; "
+                         "all tensors must be on one device")
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> None:
     """Check that all the given (non-None) tensors share one dtype."""
-    first = None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if first is None:
-            first = name, t.dtype
-        elif t.dtype != first[1]:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first[0]} has {first[1]}; "
-                            "they must match (use torch.autocast to mix precisions)")
+    bad = _mismatch(tensors, "dtype")
+    if bad is not None:
+        name, dtype, first, first_dtype = bad
+        raise TypeError(f"{name} has dtype {dtype} but {first} has {first_dtype}; "
+                        "they must match (use torch.autocast to mix precisions)")
 
 
 def check_choice(value: object, name: str, allowed: Iterable[object]) -> None:
