@@ -518,6 +518,40 @@ def test_direct_launch_gpu(dtype):
 
 @gpu
 @requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_bound_launch_gpu(dtype):
+    """Calls on the same addresses repeat the launches bound by the first one (runtime.bind,
+    km._BOUND): new contents at those addresses are read and the (poisoned) output is written
+    in full, every call; with a Triton launch hook installed, calls go through Triton again."""
+    from triton import knobs
+
+    shapes = ((704, 304, 9000), (3000, 768, 1000), (1001, 65, 333))  # split, whole, portable
+    for (m, n, k), out_dtype in itertools.product(shapes, (dtype, torch.float32)):
+        a = torch.empty(k, m, dtype=dtype, device="cuda").t()
+        b = torch.empty(k, n, dtype=dtype, device="cuda")
+        c = torch.empty(m, n, dtype=out_dtype, device="cuda")
+        hook_calls = []
+        for rep in range(4):
+            a.copy_(randn(m, k, dtype=dtype))
+            b.copy_(randn(k, n, dtype=dtype))
+            c.fill_(float("nan"))
+            hooked = rep == 3
+            if hooked:
+                knobs.runtime.launch_enter_hook.add(hook_calls.append)
+            try:
+                km.gemm(a, b, out_dtype, out=c)
+            finally:
+                knobs.runtime.launch_enter_hook.remove(hook_calls.append)
+            base = torch.mm(a, b, out_dtype=out_dtype) if out_dtype != dtype else a @ b
+            assert_close(c, a.double() @ b.double(), base,
+                         f"{m}x{n}x{k} -> {out_dtype} call {rep} hooked={hooked}")
+        addresses = (a.data_ptr(), b.data_ptr(), c.data_ptr())
+        assert any(key[1:4] == addresses for key in km._BOUND), f"{m}x{n}x{k} not bound"
+        assert hook_calls, f"{m}x{n}x{k}: the hooked call did not go through Triton"
+
+
+@gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_layouts_gpu(dtype):
     check_matmul((4096, 1000), (1000, 1032), dtype, ta=True, tb=True)  # TMA, both transposed

@@ -85,9 +85,14 @@ def autocast_dtype() -> torch.dtype | None:
     return None
 
 
+# torch.backends.cuda.matmul.allow_tf32's getter (0.1 us against ~2 us for the attribute)
+_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (
+    lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
 def fp32_uses_tf32() -> bool:
     """Whether an fp32 matmul may use TF32, following ``torch.backends.cuda.matmul.allow_tf32``."""
-    return (not INTERPRET) and torch.backends.cuda.matmul.allow_tf32
+    return (not INTERPRET) and _allow_tf32()
 
 
 # Output poisoning: the tests turn it on so that an element a kernel forgets to write reads
@@ -257,6 +262,8 @@ def check_choice(value: object, name: str, allowed: Iterable[object]) -> None:
 # kernel's own launcher is Python around a C function: on the H100 machine 7.3 us against
 # ~3 us for the C call, 18.6 us against 5.0 us with four host TMA descriptors (the Gluon
 # GEMM), so ``launch`` calls the C function itself where it finds it (``_direct_launch``).
+# ``bind`` goes one step further for callers that can key a launch's arguments cheaply (the
+# GEMM, by its plan and the tensors' addresses): the arguments are built and expanded once.
 # ---------------------------------------------------------------------------------------------
 _compiled_kernels: dict[tuple, tuple] = {}  # (id(kernel), device, key) -> (compiled kernel,
 # stream getter, hooks, direct launch or None)
@@ -279,12 +286,47 @@ def _specialization(a: object) -> object:
     return type(a)
 
 
-def _direct_launch(compiled) -> Callable | None:
-    """``f(gx, gy, gz, stream, *kernel_args)``, launching ``compiled`` as Triton's CUDA launcher
-    (``compiled.run``) does but without its per-call Python: the C launch function with the
-    launcher's fixed arguments, host TMA descriptors encoded by Triton's own
-    ``make_tensordesc_arg``. None where the launcher is not the one this follows (Triton 3.6's
-    ``CudaLauncher``), or needs scratch memory allocated per launch: then ``compiled.run``."""
+class _Direct:
+    """Launches one compiled kernel as Triton's CUDA launcher (``compiled.run``) does, but
+    without its per-call Python: the C launch function with the launcher's fixed arguments,
+    host TMA descriptors encoded by Triton's own ``make_tensordesc_arg``."""
+
+    def __init__(self, c_launch: Callable, fixed: tuple, descs: tuple = (),
+                 encode: Callable | None = None) -> None:
+        self.c_launch, self.fixed = c_launch, fixed
+        self.descs, self.encode = descs, encode  # descs: (argument index, Triton's descriptor
+        # metadata), ascending; encode: make_tensordesc_arg
+        # encoded descriptors by (argument, address, shape, strides, padding): a training step
+        # launches the same GEMMs on the same (reallocated) addresses, and encoding one costs
+        # ~2.5 us of host time against ~0.5 us for the lookup. The rest of what the encoding
+        # reads (dtype, block, swizzle) is fixed per compiled kernel, in the metadata.
+        self.encoded: dict[tuple, list] = {}
+
+    def expand(self, args: tuple) -> tuple | list:
+        """The kernel's arguments as the C function takes them: each host TMA descriptor
+        replaced by its encoding (the CUtensorMap, then its shape and strides)."""
+        if not self.descs:
+            return args
+        expanded = list(args)
+        for i, meta in reversed(self.descs):
+            d = args[i]
+            key = (i, d.base.data_ptr(), *d.shape, *d.strides, d.padding)
+            arg = self.encoded.get(key)
+            if arg is None:
+                if len(self.encoded) > 4096:  # many shapes or addresses: stay bounded
+                    self.encoded.clear()
+                arg = self.encoded[key] = self.encode(d, meta)
+            expanded[i : i + 1] = arg
+        return expanded
+
+    def __call__(self, gx: int, gy: int, gz: int, stream: int, *args) -> None:
+        self.c_launch(gx, gy, gz, stream, *self.fixed, *self.expand(args))
+
+
+def _direct_launch(compiled) -> _Direct | None:
+    """The direct launcher of ``compiled`` (see ``_Direct``), or None where Triton's launcher
+    is not the one this follows (Triton 3.6's ``CudaLauncher``) or needs scratch memory
+    allocated per launch: then ``compiled.run``."""
     run = compiled.run
     try:
         fn, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
@@ -292,15 +334,11 @@ def _direct_launch(compiled) -> Callable | None:
             return None
     except AttributeError:
         return None
-    function, packed = compiled.function, compiled.packed_metadata
+    fixed = (compiled.function, coop, pdl, None, None, compiled.packed_metadata, None, None,
+             None)
     code = getattr(fn, "__code__", None)
     if code is None:  # the C function itself: no tensor descriptors
-
-        def direct(gx, gy, gz, stream, *args):
-            fn(gx, gy, gz, stream, function, coop, pdl, None, None, packed, None, None, None,
-               *args)
-
-        return direct
+        return _Direct(fn, fixed)
     # Triton's wrapper that expands each tensor descriptor argument (driver.py,
     # wrap_handle_tensordesc): its C function, which arguments are descriptors and their metadata
     cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ()),
@@ -312,28 +350,7 @@ def _direct_launch(compiled) -> Callable | None:
         metas = cells["tensordesc_meta"]
     except (ImportError, KeyError):
         return None
-    descs = tuple(zip(indices, metas, strict=True))
-    # encoded descriptors by (argument, address, shape, strides, padding): a training step
-    # launches the same GEMMs on the same (reallocated) addresses, and encoding one costs
-    # ~2.5 us of host time against ~0.5 us for the lookup. The rest of what the encoding
-    # reads (dtype, block, swizzle) is fixed per compiled kernel, in ``meta``.
-    encoded: dict[tuple, list] = {}
-
-    def direct(gx, gy, gz, stream, *args):
-        expanded = list(args)
-        for i, meta in reversed(descs):
-            d = args[i]
-            key = (i, d.base.data_ptr(), *d.shape, *d.strides, d.padding)
-            arg = encoded.get(key)
-            if arg is None:
-                if len(encoded) > 4096:  # many shapes or addresses: stay bounded
-                    encoded.clear()
-                arg = encoded[key] = make_tensordesc_arg(d, meta)
-            expanded[i : i + 1] = arg
-        c_launch(gx, gy, gz, stream, function, coop, pdl, None, None, packed, None, None, None,
-                 *expanded)
-
-    return direct
+    return _Direct(c_launch, fixed, tuple(zip(indices, metas, strict=True)), make_tensordesc_arg)
 
 
 def _check_constexprs(kernel, args: tuple, constexprs: dict) -> None:
@@ -390,3 +407,38 @@ def launch(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *
         *grid, *(1,) * (3 - len(grid)), current_stream(device), compiled.function,
         compiled.packed_metadata, None, None, None, *args, *constexprs.values(),
     )  # fmt: skip
+
+
+def bind(kernel, grid: int | tuple[int, ...], args: tuple, constexprs: dict, *, key: object,
+         **options) -> Callable[[], bool] | None:
+    """``launch(kernel, grid, args, constexprs, key=key, **options)``, and a function that
+    repeats that launch: the same compiled kernel, grid and argument values (tensors by the
+    addresses they have now, host TMA descriptors as encoded now), on the stream current at
+    the time of its call. It returns False without launching where ``launch`` would not
+    launch directly (another current device, Triton launch hooks installed): the caller then
+    launches through ``launch``. None (after launching) under the interpreter and where the
+    compiled kernel has no direct launcher.
+
+    What the caller saves is building the arguments: it keeps the function under whatever
+    fixes them (e.g. a launch plan and the tensors' addresses), which must also fix ``key``.
+    """
+    launch(kernel, grid, args, constexprs, key=key, **options)
+    if INTERPRET:
+        return None
+    device = _current_device()
+    _, current_stream, hooks, direct = _compiled_kernels[(id(kernel), device, key)]
+    if direct is None:
+        return None
+    grid = (grid,) if isinstance(grid, int) else grid
+    grid = (*grid, *(1,) * (3 - len(grid)))
+    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a
+              for a in direct.expand((*args, *constexprs.values()))]
+    c_launch, fixed = direct.c_launch, direct.fixed
+
+    def again() -> bool:
+        if hooks.calls or _current_device() != device:
+            return False
+        c_launch(*grid, current_stream(device), *fixed, *values)
+        return True
+
+    return again

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -56,6 +57,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..runtime import (
     INTERPRET,
+    bind,
     cdiv,
     device_index,
     empty,
@@ -819,6 +821,8 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
 #: same few dozen GEMMs, and planning one costs more CPU time than launching it.
 _PLANS: dict[tuple, _Plan] = {}
 _LAUNCH_IDS = itertools.count()
+#: repeatable launches (runtime.bind) by (plan's launch id, the tensors' addresses)
+_BOUND: dict[tuple, tuple] = {}
 
 
 def _descriptor(base: torch.Tensor, shape: list[int], strides: list[int],
@@ -828,6 +832,52 @@ def _descriptor(base: torch.Tensor, shape: list[int], strides: list[int],
     d = object.__new__(TensorDescriptor)
     d.base, d.shape, d.strides, d.block_shape, d.padding = base, shape, strides, block, "zero"
     return d
+
+
+def _launches(plan: _Plan, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+              ws: torch.Tensor | None, d: torch.Tensor | None, z: torch.Tensor | None,
+              bias: torch.Tensor | None) -> Iterator[tuple]:
+    """The launches of ``plan`` on these tensors, in order, as (kernel, grid, arguments,
+    constexprs, launch key, options): the GEMM (into z when an activation pass follows), then
+    the reduction of its splits when it has one."""
+    o0, o1, r, m, n, k = plan.dims
+    split, key = plan.split, plan.launch_id
+    if plan.kernel is gemm_gluon_kernel:
+        sa, sb, sbt, outs = plan.descs
+        args = [gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
+                sbt and gluon_descriptor(b, *sbt)]
+        for t, spec in zip((c if z is None else z, ws, d), outs, strict=True):
+            main, tail = spec or (None, None)  # (None passed: the kernel reuses another's)
+            args += (main and gluon_descriptor(t, *main), tail and gluon_descriptor(t, *tail))
+        args += (bias, m, n, *plan.gluon_args)
+    elif plan.tma:
+        a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
+        (sa, sb, out_block) = plan.descs
+        if split == 1:
+            target = c.view(m, n)
+        else:
+            target = ws.view(m if plan.reduce_add else split * plan.ws_rows, n)
+        args = (_descriptor(a2, *sa), _descriptor(b2, *sb),
+                _descriptor(target, [target.shape[0], n], [n, 1], out_block),
+                None if d is None else _descriptor(d.view(m, n), [m, n], [n, 1], out_block),
+                bias, m, n, k, plan.steps,
+                plan.ws_rows if split > 1 and not plan.reduce_add else 0)  # fmt: skip
+    else:
+        a_strides = a.stride() if plan.batched else (0, 0, 0, *a.stride())
+        b_strides = b.stride() if plan.batched else (0, 0, 0, *b.stride())
+        if split > 1:
+            target, c_strides, s_split = ws, ws.stride()[-4:], ws.stride(0)
+        else:
+            target, s_split = c, 0
+            c_strides = c.stride() if plan.batched else (0, 0, *c.stride())
+        args = (a, b, target, d, bias, m, n, k, r, o1, plan.steps,
+                *a_strides, *b_strides, *c_strides, s_split)  # fmt: skip
+    yield plan.kernel, plan.grid, tuple(args), plan.constexprs, key, plan.options
+    if plan.reduce:  # sum the workspace's splits, or cast the fp32 sum (into C from offset on)
+        grid, reduce_args, constexprs, offset = plan.reduce
+        yield (reduce_splits_kernel, grid,
+               (ws, c.view(-1)[offset:] if offset else c, *reduce_args), constexprs,
+               (key, 1), dict(num_warps=8))
 
 
 def gemm(
@@ -874,15 +924,15 @@ def gemm(
            a.data_ptr() % 16, b.data_ptr() % 16, None if bias is None else bias.dtype,
            None if bias is None else bias.data_ptr() % 16,
            None if out is None else out.data_ptr() % 16, act, save_z, accumulate,
-           config, use_tma, fp32_uses_tf32(), torch.are_deterministic_algorithms_enabled())
+           config, use_tma, b.dtype == torch.float32 and fp32_uses_tf32(),
+           torch.are_deterministic_algorithms_enabled())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:  # many shapes (variable lengths): start over, stay bounded
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(a, b, out_dtype, bias is not None, act, save_z,
                                         accumulate, config, use_tma, key[-1])
-    o0, o1, r, m, n, k = plan.dims
-    split = plan.split
+    m, n = plan.dims[3:5]
     dev = a.device
     if out is None:
         c = empty(plan.out_shape, out_dtype, dev)
@@ -900,53 +950,27 @@ def gemm(
             ws = torch.zeros((m, n), dtype=torch.float32, device=dev)
     elif plan.ws_shape:
         ws = empty(plan.ws_shape, torch.float32, dev)
-    launch_key = plan.launch_id
-    if plan.kernel is gemm_gluon_kernel:
-        sa, sb, sbt, outs = plan.descs
-        z = None
-        if plan.activation_pass:  # the kernel's C is Z (D when it is returned)
-            z = d if save_z else empty(plan.out_shape, out_dtype, dev)
-        args = [gluon_descriptor(a, *sa), gluon_descriptor(b, *sb),
-                sbt and gluon_descriptor(b, *sbt)]
-        for t, spec in zip((c if z is None else z, ws, d), outs, strict=True):
-            main, tail = spec or (None, None)  # (None passed: the kernel reuses another's)
-            args += (main and gluon_descriptor(t, *main), tail and gluon_descriptor(t, *tail))
-        args += (bias, m, n, *plan.gluon_args)
-        launch(gemm_gluon_kernel, plan.grid, args, plan.constexprs, key=launch_key,
-               **plan.options)
-        if z is not None:
-            activation_into(z, c, plan.activation_pass)
-    elif plan.tma:
-        a2, b2 = (a[0, 0, 0], b[0, 0, 0]) if plan.batched else (a, b)
-        (sa, sb, out_block) = plan.descs
-        if split == 1:
-            target = c.view(m, n)
-        else:
-            target = ws.view(m if plan.reduce_add else split * plan.ws_rows, n)
-        args = (_descriptor(a2, *sa), _descriptor(b2, *sb),
-                _descriptor(target, [target.shape[0], n], [n, 1], out_block),
-                None if d is None else _descriptor(d.view(m, n), [m, n], [n, 1], out_block),
-                bias, m, n, k, plan.steps,
-                plan.ws_rows if split > 1 and not plan.reduce_add else 0)  # fmt: skip
-        launch(gemm_tma_kernel, plan.grid, args, plan.constexprs, key=launch_key,
-               **plan.options)
+    z = None
+    if plan.activation_pass:  # the kernel's C is Z (D when it is returned)
+        z = d if save_z else empty(plan.out_shape, out_dtype, dev)
+    # the launches repeat by the plan and the addresses (see runtime.bind)
+    addresses = (plan.launch_id, a.data_ptr(), b.data_ptr(), c.data_ptr(),
+                 None if ws is None else ws.data_ptr(), None if d is None else d.data_ptr(),
+                 None if z is None else z.data_ptr(), None if bias is None else bias.data_ptr())
+    bound = _BOUND.get(addresses)
+    if bound is not None and bound[0]():  # (then the others launch directly too)
+        for again in bound[1:]:
+            again()
     else:
-        a_strides = a.stride() if plan.batched else (0, 0, 0, *a.stride())
-        b_strides = b.stride() if plan.batched else (0, 0, 0, *b.stride())
-        if split > 1:
-            target, c_strides, s_split = ws, ws.stride()[-4:], ws.stride(0)
-        else:
-            target, s_split = c, 0
-            c_strides = c.stride() if plan.batched else (0, 0, *c.stride())
-        args = (a, b, target, d, bias, m, n, k, r, o1, plan.steps,
-                *a_strides, *b_strides, *c_strides, s_split)  # fmt: skip
-        launch(gemm_kernel, plan.grid, args, plan.constexprs, key=launch_key,
-               **plan.options)
-    if plan.reduce:  # sum the workspace's splits, or cast the fp32 sum (into C from offset on)
-        grid, reduce_args, constexprs, offset = plan.reduce
-        launch(reduce_splits_kernel, grid, (ws, c.view(-1)[offset:] if offset else c,
-                                            *reduce_args),
-               constexprs, key=(launch_key, 1), num_warps=8)
+        bound = tuple(bind(kernel, grid, args, constexprs, key=launch_key, **options)
+                      for kernel, grid, args, constexprs, launch_key, options
+                      in _launches(plan, a, b, c, ws, d, z, bias))
+        if None not in bound:
+            if len(_BOUND) > 4096:  # many shapes or addresses: stay bounded
+                _BOUND.clear()
+            _BOUND[addresses] = bound
+    if z is not None:
+        activation_into(z, c, plan.activation_pass)
     return GemmResult(c, d)
 
 
