@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..runtime import (
@@ -211,6 +212,10 @@ MIN_STEPS_PER_SPLIT = 4
 # accumulating) are kept under this many bytes.
 EPILOGUE_SMEM = 64 * 1024
 REDUCE_BLOCK = 1 << 16 if INTERPRET else 2048
+# The reduction is launched as a programmatic dependent of the GEMM (PDL): its programs are
+# placed as the GEMM's exit and wait there for it to finish (``gdc_wait``), which hides the
+# launch gap between the two. Not under the interpreter (no ``griddepcontrol``).
+REDUCE_PDL = not INTERPRET
 
 
 class GemmResult(NamedTuple):
@@ -460,8 +465,11 @@ def reduce_splits_kernel(
     ACCUMULATE: tl.constexpr,  # out += the sum
     STRIDED: tl.constexpr,  # one output matrix, rows out_stride apart; else contiguous
     SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent of the GEMM: wait for it first
 ):
     """out = sum over splits of the workspace (+ out), in fp32, cast to the output dtype."""
+    if PDL:
+        gdc_wait()  # (before any memory access: the GEMM's writes are visible after it)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_out
     o = offs // per_matrix
@@ -679,7 +687,7 @@ def _reduce_launch(n_mats: int, m: int, n: int, rows: int, splits: int, origin: 
     per_matrix = (m - row0) * cols
     args = (n_mats * per_matrix, per_matrix, rows * cols, n_mats * rows * cols, cols, n)
     constexprs = dict(ACCUMULATE=accumulate, STRIDED=col0 > 0, SPLIT_K=splits,
-                      BLOCK=REDUCE_BLOCK)
+                      BLOCK=REDUCE_BLOCK, PDL=REDUCE_PDL)
     return cdiv(n_mats * per_matrix, REDUCE_BLOCK), args, constexprs, row0 * n + col0
 
 
@@ -877,7 +885,7 @@ def _launches(plan: _Plan, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
         grid, reduce_args, constexprs, offset = plan.reduce
         yield (reduce_splits_kernel, grid,
                (ws, c.view(-1)[offset:] if offset else c, *reduce_args), constexprs,
-               (key, 1), dict(num_warps=8))
+               (key, 1), dict(num_warps=8, launch_pdl=REDUCE_PDL))
 
 
 def gemm(
