@@ -288,14 +288,14 @@ def _specialization(a: object) -> object:
 
 class _Direct:
     """Launches one compiled kernel as Triton's CUDA launcher (``compiled.run``) does, but
-    without its per-call Python: the C launch function with the launcher's fixed arguments,
-    host TMA descriptors encoded by Triton's own ``make_tensordesc_arg``."""
+    without its per-call Python: ``c_launch``, the C launch function, with the launcher's
+    ``fixed`` arguments; the host TMA descriptors among the kernel's arguments (``descs``:
+    (argument index, Triton's metadata of it), ascending) encoded by ``encode``, Triton's own
+    ``make_tensordesc_arg``."""
 
     def __init__(self, c_launch: Callable, fixed: tuple, descs: tuple = (),
                  encode: Callable | None = None) -> None:
-        self.c_launch, self.fixed = c_launch, fixed
-        self.descs, self.encode = descs, encode  # descs: (argument index, Triton's descriptor
-        # metadata), ascending; encode: make_tensordesc_arg
+        self.c_launch, self.fixed, self.descs, self.encode = c_launch, fixed, descs, encode
         # encoded descriptors by (argument, address, shape, strides, padding): a training step
         # launches the same GEMMs on the same (reallocated) addresses, and encoding one costs
         # ~2.5 us of host time against ~0.5 us for the lookup. The rest of what the encoding

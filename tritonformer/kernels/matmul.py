@@ -213,8 +213,9 @@ MIN_STEPS_PER_SPLIT = 4
 EPILOGUE_SMEM = 64 * 1024
 REDUCE_BLOCK = 1 << 16 if INTERPRET else 2048
 # The reduction is launched as a programmatic dependent of the GEMM (PDL): its programs are
-# placed as the GEMM's exit and wait there for it to finish (``gdc_wait``), which hides the
-# launch gap between the two. Not under the interpreter (no ``griddepcontrol``).
+# placed on the SMs as the GEMM's programs exit and wait for the whole GEMM (``gdc_wait``),
+# which hides the launch gap between the two (d768 / d1024 attn_out dW 0.95 / 0.94 -> 0.99 /
+# 0.97x cuBLAS, docs/perf/matmul.md v16). Not under the interpreter (no ``griddepcontrol``).
 REDUCE_PDL = not INTERPRET
 
 
@@ -848,7 +849,7 @@ def _launches(plan: _Plan, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
     """The launches of ``plan`` on these tensors, in order, as (kernel, grid, arguments,
     constexprs, launch key, options): the GEMM (into z when an activation pass follows), then
     the reduction of its splits when it has one."""
-    o0, o1, r, m, n, k = plan.dims
+    _, o1, r, m, n, k = plan.dims
     split, key = plan.split, plan.launch_id
     if plan.kernel is gemm_gluon_kernel:
         sa, sb, sbt, outs = plan.descs
