@@ -197,6 +197,13 @@ GLUON_DEEP_MAX_K = 4096
 # the epilogue took 380 us, GELU (tanh) 152 us, none 105 us (docs/perf/matmul.md v11).
 GLUON_EPILOGUE_ACTIVATIONS = ("none", "relu", "gelu_tanh")
 GLUON_SMEM = 227 * 1024 - 1024  # the SM's shared memory, less the barriers
+# Tile order: GROUP_M rows of tiles at a time. Whole tiles with N up to GLUON_NARROW_N take
+# GLUON_GROUP_M_NARROW. On the H100, on the benchmark's whole-tile forward and dX products,
+# 4 instead of 8 took 0.994x the time on average up to N = 4096 (d2048 attn_out fwd 0.987x,
+# d2048 qkv dX 0.983x) but 1.03-1.08x at N = 8192 and 50304 (docs/perf/matmul.md v16).
+GLUON_GROUP_M = 8
+GLUON_GROUP_M_NARROW = 4
+GLUON_NARROW_N = 4096
 
 # Split-K cost model (units: one BLOCK_K step of one 128 x 256 tile): each wave of split
 # tiles costs about REDUCE_STEPS more (its fp32 partial tiles stored or reduce-added, the
@@ -812,7 +819,12 @@ def _gluon_plan(m: int, n: int, k: int, layouts: tuple, schedule: GluonSchedule,
              outs)
     # tile order: rows of GROUP_M rows of tiles; one row at a time (all rows, i.e. column
     # order) so that the split tiles come last as whole rows (columns)
-    group_m = (n_rows if column_tail else 1) if 0 < dp < dp + split_tiles else 8
+    if 0 < dp < dp + split_tiles:
+        group_m = n_rows if column_tail else 1
+    elif split_tiles == 0 and n <= GLUON_NARROW_N:
+        group_m = GLUON_GROUP_M_NARROW
+    else:
+        group_m = GLUON_GROUP_M
     constexprs = dict(A_T=la[0], B_T=lb[0], BN=t.block_n, TAIL_N=t.tail_n, BK=bk,
                       STAGES=t.num_stages, CONSUMERS=t.consumers, HAS_DP=dp > 0,
                       HAS_SK=split_tiles > 0, HAS_BIAS=has_bias,
