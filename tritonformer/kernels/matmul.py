@@ -941,9 +941,10 @@ def gemm(
         raise ValueError("accumulate=True needs out= and a plain product (no bias/activation)")
     # everything that decides the plan and the launch's specialisation (so that the compiled
     # kernel can be launched directly, see runtime.launch)
+    pa, pb, pbias = a.data_ptr(), b.data_ptr(), None if bias is None else bias.data_ptr()
     key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype, out_dtype, a.device,
-           a.data_ptr() % 16, b.data_ptr() % 16, None if bias is None else bias.dtype,
-           None if bias is None else bias.data_ptr() % 16,
+           pa % 16, pb % 16, None if bias is None else bias.dtype,
+           None if bias is None else pbias % 16,
            None if out is None else out.data_ptr() % 16, act, save_z, accumulate,
            config, use_tma, b.dtype == torch.float32 and fp32_uses_tf32(),
            torch.are_deterministic_algorithms_enabled())
@@ -975,9 +976,8 @@ def gemm(
     if plan.activation_pass:  # the kernel's C is Z (D when it is returned)
         z = d if save_z else empty(plan.out_shape, out_dtype, dev)
     # the launches repeat by the plan and the addresses (see runtime.bind)
-    addresses = (plan.launch_id, a.data_ptr(), b.data_ptr(), c.data_ptr(),
-                 None if ws is None else ws.data_ptr(), None if d is None else d.data_ptr(),
-                 None if z is None else z.data_ptr(), None if bias is None else bias.data_ptr())
+    addresses = (plan.launch_id, pa, pb, c.data_ptr(), None if ws is None else ws.data_ptr(),
+                 None if d is None else d.data_ptr(), None if z is None else z.data_ptr(), pbias)
     bound = _BOUND.get(addresses)
     if bound is not None and bound[0]():  # (then the others launch directly too)
         for again in bound[1:]:
